@@ -1,0 +1,11 @@
+"""What every method shares: config/layer/tuner bases, routers and balance losses, batched expert kernels, PeftType
+registration and the aux-loss collector. Nothing here imports ``methods/`` or ``integrations/``."""
+
+from .config import SHARED_FIELD_TO_LF_KEY, MoeLoraConfig
+from .errors import MoeConfigError
+from .layer import MoeLoraLayer
+from .peft_types import METHODS, register_method
+from .tuner import MoeLoraTuner
+
+__all__ = ["METHODS", "SHARED_FIELD_TO_LF_KEY", "MoeConfigError", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraTuner",
+           "register_method"]

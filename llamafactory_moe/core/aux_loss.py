@@ -1,0 +1,107 @@
+"""The auxiliary-loss collector: the project's only module-level mutable state.
+
+Lifecycle of one training micro-batch (driven by the trainer patch in ``integrations/llamafactory.py``)::
+
+    with aux_loss.collect(token_mask=inputs["attention_mask"]) as window:   # reset
+        loss = trainer.compute_loss(...)       # layers call aux_loss.record(...) inside forward
+    loss = loss + window.weighted_total()      # drain: tensors keep their graph, so routers get gradients
+    window.detached_terms()                    # floats for logging / analysis
+
+Why a window rather than per-module attributes: gradient checkpointing re-runs layer forwards during ``backward()``,
+after the window closed, so recomputation records nothing and nothing is counted twice; DPO/KTO reference passes run
+with adapters disabled, which record nothing either. The window must be used with non-reentrant checkpointing
+(forced by the argument patch): reentrant checkpointing runs the first forward under ``no_grad``, so the recorded terms
+would have no graph.
+
+The window also carries the batch's token mask, so balance statistics skip padding without any hook on the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+
+
+class AuxLossWindow:
+    def __init__(self, token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False):
+        self._token_mask = token_mask
+        self._flat_mask: Optional[torch.Tensor] = None
+        self.collect_routing = collect_routing
+        # term -> list of (coef, value) with value a scalar tensor that keeps its graph
+        self.terms: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
+        # layer name -> list of detached routing summaries (see `record_routing`)
+        self.routing: dict[str, list[dict[str, torch.Tensor]]] = defaultdict(list)
+
+    def token_mask(self, num_tokens: int) -> Optional[torch.Tensor]:
+        """Flattened bool mask of real (non-padding) tokens, or None when it does not describe these tokens."""
+        if self._token_mask is None:
+            return None
+        if self._flat_mask is None:
+            self._flat_mask = self._token_mask.reshape(-1) != 0
+        if self._flat_mask.numel() != num_tokens:
+            return None  # e.g. DPO's concatenated batch, or a layer that sees a different token layout
+        return self._flat_mask
+
+    def weighted_total(self) -> Optional[torch.Tensor]:
+        total = None
+        for values in self.terms.values():
+            for coef, value in values:
+                if coef == 0.0:
+                    continue
+                total = coef * value if total is None else total + coef * value
+        return total
+
+    def detached_terms(self) -> dict[str, float]:
+        """Per term: the coefficient-weighted sum over layers (what was added to the loss)."""
+        out = {}
+        for name, values in self.terms.items():
+            out[name] = float(sum(coef * value.detach().float() for coef, value in values))
+        return out
+
+
+_window: Optional[AuxLossWindow] = None
+
+
+@contextmanager
+def collect(token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False) -> Iterator[AuxLossWindow]:
+    """Open a window for one loss computation. Nested windows are not allowed."""
+    global _window
+    if _window is not None:
+        raise RuntimeError("an aux-loss window is already open; compute_loss must not be re-entered")
+    window = AuxLossWindow(token_mask=token_mask, collect_routing=collect_routing)
+    _window = window
+    try:
+        yield window
+    finally:
+        _window = None
+
+
+def current() -> Optional[AuxLossWindow]:
+    return _window
+
+
+def is_open() -> bool:
+    return _window is not None
+
+
+def record(term: str, value: torch.Tensor, coef: float) -> None:
+    """Record one layer's auxiliary term. A no-op when no window is open (inference, eval, recomputation)."""
+    if _window is not None:
+        _window.terms[term].append((coef, value))
+
+
+def token_mask(num_tokens: int) -> Optional[torch.Tensor]:
+    return None if _window is None else _window.token_mask(num_tokens)
+
+
+def wants_routing() -> bool:
+    return _window is not None and _window.collect_routing
+
+
+def record_routing(layer_name: str, **summaries: torch.Tensor) -> None:
+    """Keep detached per-layer routing summaries (expert load, entropy ...) for logging and analysis."""
+    if _window is not None and _window.collect_routing:
+        _window.routing[layer_name].append({k: v.detach() for k, v in summaries.items()})

@@ -1,0 +1,159 @@
+"""``MoeLoraLayer``: the PEFT tuner layer every method subclasses (peft's ``BaseTunerLayer`` contract).
+
+What lives here, once: per-adapter containers, the input dropout, device/dtype moves, the disabled / merged / active
+adapters forward skeleton, merge and unmerge (refused with a clear error for routed methods), the optimizer-step hook
+and the routing-statistics hook. A method subclass declares its parameter containers and implements:
+
+* ``create_adapter(adapter_name, config)`` — create the parameters (one shape comment each),
+* ``reset_adapter(adapter_name, config)`` — initialise them (under ``torch.no_grad()``),
+* ``adapter_delta(adapter_name, x)`` — the paper's update for flattened ``x: (N, in_features)``, returning
+  ``(N, out_features)``; it records its auxiliary terms with ``self.record_aux``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+
+from . import aux_loss
+from .config import MoeLoraConfig
+
+
+class MoeLoraLayer(nn.Module, BaseTunerLayer):
+    # Trainable per-adapter containers (nn.ParameterDict unless named in `module_dict_names`).
+    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
+    # Containers that hold nn.Modules per adapter (e.g. a gate MLP) instead of single Parameters.
+    module_dict_names: ClassVar[tuple[str, ...]] = ()
+    # Persistent, non-trainable per-adapter tensors (saved in the checkpoint, never made trainable by set_adapter).
+    buffer_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoeLoraConfig, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.moe_config: dict[str, MoeLoraConfig] = {}
+        self.moe_dropout = nn.ModuleDict({})
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ModuleDict({}) if name in self.module_dict_names else nn.ParameterDict({}))
+        for name in self.buffer_names:
+            setattr(self, name, BufferDict({}, persistent=True))
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.moe_layer_name = kwargs.get("layer_name", "")
+
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None:
+            raise TypeError(f"cannot wrap {type(self.get_base_layer()).__name__}: it has no in/out features; "
+                            "only nn.Linear-like modules can host LoRA experts")
+        # From the module, not from weight.shape: under DeepSpeed ZeRO-3 the weight is partitioned (shape [0]).
+        self.in_features, self.out_features = in_features, out_features
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # peft reads `other_param_names` to list adapters and move per-adapter state; buffers are listed here and not
+        # in `adapter_layer_names`, which `set_adapter` would make trainable.
+        cls.other_param_names = ("moe_config", "moe_dropout") + tuple(cls.buffer_names)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: MoeLoraConfig, inference_mode: bool = False) -> None:
+        self.moe_config[adapter_name] = config
+        self.moe_dropout[adapter_name] = (nn.Dropout(config.expert_dropout) if config.expert_dropout > 0
+                                          else nn.Identity())
+        self.create_adapter(adapter_name, config)
+        self.reset_adapter(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode or config.inference_mode)
+
+    def create_adapter(self, adapter_name: str, config: MoeLoraConfig) -> None:
+        raise NotImplementedError
+
+    def reset_adapter(self, adapter_name: str, config: MoeLoraConfig) -> None:
+        raise NotImplementedError
+
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- forward skeleton (peft's: disabled -> base; merged -> base; else base + active adapters) ---------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        first_container = getattr(self, self.adapter_layer_names[0])
+        for adapter_name in self.active_adapters:
+            if adapter_name not in first_container:
+                continue
+            adapter_dtype = self.adapter_dtype(adapter_name)
+            x_flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, self.in_features)
+            delta = self.adapter_delta(adapter_name, x_flat)
+            result = result + delta.reshape(result.shape).to(result_dtype)
+        return result
+
+    def adapter_dtype(self, adapter_name: str) -> torch.dtype:
+        container = getattr(self, self.adapter_layer_names[0])[adapter_name]
+        if isinstance(container, nn.Module):
+            return next(container.parameters()).dtype
+        return container.dtype
+
+    # -- helpers for method files ------------------------------------------------------------------------------------
+    def record_aux(self, term: str, value: torch.Tensor, coef: float) -> None:
+        """Record an auxiliary loss term; only while training inside the trainer's loss window."""
+        if self.training:
+            aux_loss.record(term, value, coef)
+
+    def token_mask(self, num_tokens: int) -> Optional[torch.Tensor]:
+        """Bool ``(N,)`` mask of non-padding tokens for the current training batch, or None."""
+        return aux_loss.token_mask(num_tokens) if self.training else None
+
+    # -- once-per-optimizer-step updates (SMoRA's loss-free balancing) -------------------------------------------------
+    def step_statistics(self) -> list[torch.Tensor]:
+        """Statistics accumulated since the last optimizer step (e.g. per-expert token counts). They are summed
+        across data-parallel ranks in one collective before ``apply_step_statistics``. Default: none."""
+        return []
+
+    def apply_step_statistics(self, reduced: list[torch.Tensor]) -> None:
+        """Use the rank-summed statistics once per optimizer step, then reset them."""
+
+    # -- merge -------------------------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        config = self.moe_config[adapter_name]
+        raise NotImplementedError(
+            f"`{config.method_name}` routes each token through input-dependent experts, so its update cannot be "
+            "folded into the base weight. Keep the adapter unmerged: load it with `adapter_name_or_path` (chat, api, "
+            "webchat, OpenCompass `peft_path`)."
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for adapter_name in adapter_names:
+            delta = self.get_delta_weight(adapter_name).to(base_layer.weight.dtype)
+            with torch.no_grad():
+                merged = base_layer.weight.data + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"merging adapter `{adapter_name}` produced NaN/inf weights")
+                base_layer.weight.data = merged
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            with torch.no_grad():
+                base_layer.weight.data -= self.get_delta_weight(adapter_name).to(base_layer.weight.dtype)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(in={self.in_features}, out={self.out_features}, base={self.base_layer!r})"

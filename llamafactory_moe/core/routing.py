@@ -1,0 +1,93 @@
+"""Routers and balance losses shared by the methods: pure functions on ``[num_tokens, num_experts]`` tensors.
+
+Conventions (Mixtral's names): ``router_logits`` are pre-normalisation scores, ``router_probs`` their softmax (always
+float32: a bf16 softmax over experts loses the small differences routing depends on), ``routing_weights`` the dense
+``[N, E]`` gate actually applied (zero for experts a token does not use) and ``selected`` the bool mask of used
+experts. Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python loop.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import aux_loss
+
+
+def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over experts, keep the top-k per token, optionally renormalise the kept probabilities.
+
+    Args:
+        router_logits: ``(N, E)``.
+        top_k: experts per token; ``None`` or ``E`` keeps all (soft routing).
+    Returns:
+        ``(routing_weights (N, E) fp32, router_probs (N, E) fp32, selected (N, E) bool)``.
+    """
+    router_probs = torch.softmax(router_logits.float(), dim=-1)
+    num_experts = router_probs.shape[-1]
+    if top_k is None or top_k >= num_experts:
+        selected = torch.ones_like(router_probs, dtype=torch.bool)
+        return router_probs, router_probs, selected
+    # torch.topk breaks ties by index order, which keeps routing deterministic for equal scores.
+    _, top_indices = router_probs.topk(top_k, dim=-1)
+    selected = torch.zeros_like(router_probs, dtype=torch.bool).scatter_(-1, top_indices, True)
+    routing_weights = router_probs * selected
+    if renormalize:
+        # Dividing the masked probabilities equals a softmax over the kept logits (Switch / Mixtral).
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return routing_weights, router_probs, selected
+
+
+def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the token axis (dim 0) of ``values`` counting only real tokens."""
+    if token_mask is None:
+        return values.mean(dim=0)
+    weights = token_mask.to(values.dtype).unsqueeze(-1)
+    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+
+
+def switch_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor,
+                        token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, Eq. 4-6): ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of tokens routed to expert ``e`` (summing to ``top_k``), ``P_e`` the mean router
+    probability. Padding tokens are excluded. Equals ``top_k`` at perfect balance.
+    """
+    num_experts = router_probs.shape[-1]
+    fraction_routed = masked_mean(selected.to(router_probs.dtype), token_mask)
+    mean_prob = masked_mean(router_probs, token_mask)
+    return num_experts * (fraction_routed * mean_prob).sum()
+
+
+def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation with the unbiased variance (Shazeer et al. 2017); 0 for one expert."""
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.float().var() / (values.float().mean() ** 2 + eps)
+
+
+def record_routing(layer, routing_weights: torch.Tensor, selected: torch.Tensor,
+                   token_mask: Optional[torch.Tensor]) -> None:
+    """Hand per-expert load statistics of one layer to the aux-loss window (only when statistics are requested).
+
+    Cheap enough to leave on: it runs only on logging steps and reduces ``(N, E)`` to a few ``(E,)`` vectors.
+    """
+    if not aux_loss.wants_routing():
+        return
+    with torch.no_grad():
+        weights = routing_weights.float()
+        chosen = selected.float()
+        if token_mask is not None:
+            weights = weights[token_mask]
+            chosen = chosen[token_mask]
+        probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+        aux_loss.record_routing(
+            getattr(layer, "moe_layer_name", layer.__class__.__name__),
+            tokens=torch.tensor(float(weights.shape[0])),
+            load=chosen.sum(0),
+            mass=weights.sum(0),
+            entropy_sum=entropy.sum(),
+        )

@@ -1,0 +1,67 @@
+"""``MoeLoraTuner``: the PEFT ``BaseTuner`` every method's model class subclasses with two lines::
+
+    class GoatModel(MoeLoraTuner):
+        prefix = "goat_"
+        tuner_layer_cls = GoatLayer
+
+It wraps each targeted ``nn.Linear`` in the method's layer, names the layer (for routing statistics), refuses merging
+for routed methods with a clear message, and offers ``aux_loss_terms`` for direct PEFT users who train without
+LLaMA-Factory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from . import aux_loss
+from .config import MoeLoraConfig
+from .layer import MoeLoraLayer
+
+
+class MoeLoraTuner(BaseTuner):
+    prefix: str = ""
+    tuner_layer_cls: type[MoeLoraLayer] = MoeLoraLayer
+    # Same defaults as LoRA (q_proj, v_proj for Llama) when `target_modules` is not given.
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: MoeLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **optional_kwargs) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"`target_modules` matched `{current_key}` of type {type(base).__name__}; `{config.method_name}` "
+                "experts wrap nn.Linear layers only. Narrow `target_modules` (LLaMA-Factory: `lora_target`)."
+            )
+        new_module = self.tuner_layer_cls(target, adapter_name, config, layer_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        super()._check_merge_allowed()
+        for name, config in self.peft_config.items():
+            if not getattr(config, "supports_merge", False):
+                raise NotImplementedError(
+                    f"Adapter `{name}` is `{config.method_name}`: it routes each token through input-dependent "
+                    "experts, so it cannot be merged into the base weights. Keep it unmerged (load it with "
+                    "`adapter_name_or_path` / `PeftModel.from_pretrained`)."
+                )
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        # Buffers (e.g. SMoRA's balancing bias) are never parameters, so nothing else to freeze.
+
+    def aux_loss_window(self, token_mask: Optional[torch.Tensor] = None):
+        """For plain-PEFT training loops: ``with model.aux_loss_window(mask) as w: loss = ...; loss += w.weighted_total()``."""
+        return aux_loss.collect(token_mask=token_mask)
+
+    def moe_layers(self) -> list[MoeLoraLayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoeLoraLayer)]

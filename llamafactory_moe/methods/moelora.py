@@ -1,0 +1,84 @@
+"""MoELoRA: a token-routed mixture of LoRA experts (the classic MoE-LoRA baseline).
+
+Each wrapped linear layer gets E LoRA experts (A_e: r x in, B_e: out x r) and a linear router W_g (E x in):
+
+    p(x)   = softmax(W_g x)                                    (float32)
+    w(x)   = top-k of p(x), renormalised to sum 1              (soft routing when top_k is None)
+    y      = W0 x + (alpha / r) * sum_e w_e(x) * B_e A_e dropout(x)
+    L_aux  = aux_loss_coef * E * sum_e f_e * P_e               (Switch load balancing, Fedus et al. 2021, Eq. 4)
+
+This is the token-level variant used as "MOELoRA" / "MixLoRA" in D2MoRA's and S'MoRE's comparison tables
+(specs/methods_d2mora_goat_adamole.md §4.1). The original MOELoRA (Liu et al. 2023) gates on a task embedding instead
+of the token; we route on the token so no task id is needed at inference.
+
+Deviations: none from the spec; experts are computed as one stacked GEMM pair (core.experts.paired_experts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core.experts import paired_experts
+from ..core.routing import record_routing, softmax_top_k, switch_balance_loss
+
+
+@dataclass
+class MoELoRAConfig(MoeLoraConfig):
+    """Token-routed mixture of LoRA experts. Shared fields only (see ``MoeLoraConfig``)."""
+
+    method_name: ClassVar[str] = "moelora"
+    aux_loss_terms: ClassVar[tuple[str, ...]] = ("balance_loss",)
+    default_aux_loss_coef: ClassVar[float] = 1e-2  # Switch Transformer's alpha
+
+    num_experts: int = field(default=4, metadata={"help": "Number of LoRA experts per wrapped layer."})
+    top_k: Optional[int] = field(default=2, metadata={"help": "Experts per token; None = soft routing over all."})
+
+
+class MoELoRALayer(MoeLoraLayer):
+    adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router")
+
+    def create_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
+        total_rank = config.num_experts * config.expert_rank
+        self.moelora_A[adapter_name] = nn.Parameter(torch.empty(total_rank, self.in_features))  # (E*r, in)
+        self.moelora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, total_rank))  # (out, E*r)
+        self.moelora_router[adapter_name] = nn.Parameter(torch.empty(config.num_experts, self.in_features))  # (E, in)
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
+        # kaiming_uniform(a=sqrt(5)) on (E*r, in) is U(+-1/sqrt(in)) for every expert: fan_in is `in` either way.
+        nn.init.kaiming_uniform_(self.moelora_A[adapter_name], a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.moelora_router[adapter_name], a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(self.moelora_B[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(self.moelora_B[adapter_name], a=math.sqrt(5))
+
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        config: MoELoRAConfig = self.moe_config[adapter_name]
+        router_logits = F.linear(x, self.moelora_router[adapter_name])  # (N, E)
+        routing_weights, router_probs, selected = softmax_top_k(router_logits, config.top_k)
+        token_mask = self.token_mask(x.shape[0])
+        if config.top_k is not None and config.top_k < config.num_experts:
+            # With soft routing every expert gets every token, so the Switch loss is the constant E: skip it.
+            balance = switch_balance_loss(router_probs, selected, token_mask)
+            self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
+        record_routing(self, routing_weights, selected, token_mask)
+        x = self.moe_dropout[adapter_name](x)
+        delta = paired_experts(x, self.moelora_A[adapter_name], self.moelora_B[adapter_name], routing_weights,
+                               config.expert_rank)
+        return delta * config.scaling
+
+
+class MoELoRAModel(MoeLoraTuner):
+    prefix = "moelora_"
+    tuner_layer_cls = MoELoRALayer
+
+
+register_method("moelora", MoELoRAConfig, MoELoRAModel)
