@@ -8,6 +8,6 @@ Keep kwargs tiny (hidden size 64 models): small ranks, few experts.
 METHOD_CASES = [
     # id, method, peft config kwargs, llamafactory yaml keys
     ("moelora-top2", "moelora", dict(num_experts=4, top_k=2, expert_rank=4), dict(moe_num_experts=4, moe_top_k=2, lora_rank=4)),
-    ("moelora-soft", "moelora", dict(num_experts=3, top_k=None, expert_rank=4), dict(moe_num_experts=3, lora_rank=4)),
+    ("moelora-soft", "moelora", dict(num_experts=3, top_k=None, expert_rank=4), dict(moe_num_experts=3, moe_top_k=3, lora_rank=4)),
     # -- add rows above this line --
 ]
