@@ -1,0 +1,503 @@
+"""Runtime patches that teach stock LLaMA-Factory (0.9.5) our methods. Every patch is one row of ``PATCHES``.
+
+Flow of ``llamafactory-cli train x.yaml`` with ``finetuning_type: smora``:
+
+1. parser: ``MoeFinetuningArguments`` validates our keys (before any model loads); ``_parse_train_args`` then checks
+   cross-dataclass settings (stage, gradient checkpointing mode, adapters to resume, data fallback).
+2. loader: ``init_adapter`` builds our PEFT model (new adapter) or loads ours unmerged (resume / inference).
+3. trainers: ``compute_loss`` opens the aux-loss window, adds the recorded terms with HF's gradient-accumulation
+   scaling; ``log`` adds ``moe_*`` metrics (averaged over steps and ranks) next to ``loss``.
+4. callbacks and plots: ``trainer_log.jsonl`` and ``training_moe_aux_loss.png`` carry the aux terms; a trainer callback
+   runs once-per-optimizer-step updates (SMoRA's balancing) after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from transformers import TrainerCallback
+
+from ..core.errors import MoeConfigError, check_float
+from ..core.step_hooks import apply_optimizer_step_updates
+from .patching import FAILED_PATCHES, Patch
+
+VERIFIED = "llamafactory 0.9.5"
+ROUTING_METRICS = ("moe_load_cv", "moe_router_entropy", "moe_inactive_expert_frac")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: a user mistake prints one line, not a traceback.
+# ---------------------------------------------------------------------------------------------------------------------
+def install_error_display() -> None:
+    if getattr(sys.excepthook, "_llamafactory_moe", False):
+        return
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if issubclass(exc_type, MoeConfigError):
+            print(f"llamafactory-moe: invalid configuration: {exc}", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    excepthook._llamafactory_moe = True
+    sys.excepthook = excepthook
+
+
+def peft_type_of(adapter_dir: str) -> Optional[str]:
+    """The ``peft_type`` in ``adapter_config.json`` (upper case), or None if the directory has no adapter config."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text())["peft_type"]).upper()
+    except (ValueError, KeyError) as exc:
+        raise MoeConfigError("adapter_name_or_path", adapter_dir, f"has an unreadable adapter_config.json ({exc})",
+                             "restore the file or point to another checkpoint") from None
+
+
+def our_method_of(adapter_dir: str) -> Optional[str]:
+    from ..methods import ALL_METHODS
+
+    peft_type = peft_type_of(adapter_dir)
+    return peft_type.lower() if peft_type and peft_type.lower() in ALL_METHODS else None
+
+
+def _adapter_paths(model_args) -> list[str]:
+    return list(model_args.adapter_name_or_path or [])
+
+
+def _require_patches() -> None:
+    if FAILED_PATCHES:
+        names = ", ".join(sorted(FAILED_PATCHES))
+        raise MoeConfigError("finetuning_type", "<llamafactory-moe method>",
+                             f"cannot run because these LLaMA-Factory patches failed: {names}",
+                             "see the warning printed at start-up; use a supported LLaMA-Factory version (0.9.5)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ---------------------------------------------------------------------------------------------------------------------
+def _replace_finetuning_arguments(original, module):
+    from .arguments import build_finetuning_arguments_class
+
+    moe_cls = build_finetuning_arguments_class(original)
+    for list_name in ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS", "_TRAIN_MCA_ARGS"):
+        lst = getattr(module, list_name, None)
+        if isinstance(lst, list):  # replace by identity: upstream main adds entries to these lists
+            lst[:] = [moe_cls if item is original else item for item in lst]
+    return moe_cls
+
+
+def _raw_args(module, args) -> dict:
+    raw = module.read_args(args)
+    return raw if isinstance(raw, dict) else {}
+
+
+def _wrap_parse_args(original, module):
+    def _parse_args(parser, args=None, allow_extra_keys=False):
+        try:
+            return original(parser, args, allow_extra_keys)
+        except ValueError as exc:
+            if "not used by the HfArgumentParser" in str(exc):
+                from .arguments import unknown_key_error
+
+                valid = [f.dest for f in parser._actions]
+                raise unknown_key_error(str(exc), valid) from None
+            raise
+
+    return _parse_args
+
+
+def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> None:
+    for path in paths:
+        if not os.path.isdir(path):
+            continue  # a hub id or a missing dir: LLaMA-Factory / peft report it
+        peft_type = peft_type_of(path)
+        if peft_type is None:
+            raise MoeConfigError(key, path, "has no adapter_config.json",
+                                 "point to a directory written by `save_pretrained` / a `checkpoint-N` folder")
+        theirs = our_method_of(path)
+        if method is not None and theirs != method:
+            raise MoeConfigError(key, path, f"holds a `{peft_type.lower()}` adapter but `finetuning_type` is "
+                                 f"`{method}`", f"set `finetuning_type: {theirs or 'lora'}` or start a new adapter")
+
+
+def _packaged_data_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+def _maybe_use_packaged_data(data_args) -> None:
+    """With no ./data/dataset_info.json, fall back to our demo data if it defines every requested dataset."""
+    if data_args.dataset_dir != "data" or os.path.isfile(os.path.join("data", "dataset_info.json")):
+        return
+    info_path = _packaged_data_dir() / "dataset_info.json"
+    if not info_path.is_file():
+        return
+    known = set(json.loads(info_path.read_text()))
+    wanted = list(data_args.dataset or []) + list(data_args.eval_dataset or [])
+    if wanted and all(name in known for name in wanted):
+        data_args.dataset_dir = str(_packaged_data_dir())
+        if data_args.media_dir in (None, "data"):
+            data_args.media_dir = data_args.dataset_dir
+
+
+def _wrap_parse_train_args(original, module):
+    def _parse_train_args(args=None):
+        parsed = original(args)
+        model_args, data_args, training_args, finetuning_args, _ = parsed
+        _maybe_use_packaged_data(data_args)
+        method = getattr(finetuning_args, "moe_method", None)
+        if method is None:
+            for path in _adapter_paths(model_args):
+                if os.path.isdir(path) and our_method_of(path):
+                    _require_patches()
+                    _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), our_method_of(path))
+            return parsed
+        _require_patches()
+        config = finetuning_args.moe_peft_config
+        if model_args.moe_aux_loss_coef is not None:
+            check_float("moe_aux_loss_coef", model_args.moe_aux_loss_coef, minimum=0.0, method=method)
+            config.aux_loss_coef = float(model_args.moe_aux_loss_coef)
+        if model_args.quantization_bit is not None and config.modifies_base_weights:
+            raise MoeConfigError("quantization_bit", model_args.quantization_bit,
+                                 f"cannot be used with `{method}`, which corrects the frozen base weights",
+                                 "train on an unquantized base model")
+        _check_adapters_match(method, _adapter_paths(model_args), "adapter_name_or_path")
+        if training_args.resume_from_checkpoint and os.path.isdir(str(training_args.resume_from_checkpoint)):
+            _check_adapters_match(method, [str(training_args.resume_from_checkpoint)], "resume_from_checkpoint")
+        _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), method)
+        return parsed
+
+    return _parse_train_args
+
+
+def _force_non_reentrant_checkpointing(model_args, raw: dict, method: str) -> None:
+    # Reentrant checkpointing runs the first forward under no_grad, so aux losses recorded inside a checkpointed layer
+    # have no graph and the routers would silently get no balancing gradient (verified for HF Mixtral too).
+    if raw.get("use_reentrant_gc") in (True, "true", "True", 1):
+        raise MoeConfigError("use_reentrant_gc", raw["use_reentrant_gc"],
+                             f"drops the gradient of `{method}`'s in-layer auxiliary losses",
+                             "remove the key (llamafactory-moe uses non-reentrant checkpointing) or set it to false")
+    model_args.use_reentrant_gc = False
+
+
+def _wrap_parse_infer_args(original, module):
+    def _parse_infer_args(args=None):
+        parsed = original(args)
+        model_args, _data_args, finetuning_args, _ = parsed
+        methods = {m for m in (our_method_of(p) for p in _adapter_paths(model_args) if os.path.isdir(p)) if m}
+        if getattr(finetuning_args, "moe_method", None):
+            methods.add(finetuning_args.moe_method)
+        if not methods:
+            return parsed
+        _require_patches()
+        method = sorted(methods)[0]
+        backend = str(getattr(model_args, "infer_backend", "huggingface")).lower()
+        if backend not in ("huggingface", "hf", "inferbackend.huggingface"):
+            raise MoeConfigError("infer_backend", model_args.infer_backend,
+                                 f"cannot serve `{method}` adapters: vLLM / SGLang load adapters as plain LoRA and "
+                                 "would drop the experts", "use `infer_backend: huggingface`")
+        if len(_adapter_paths(model_args)) > 1:
+            raise MoeConfigError("adapter_name_or_path", model_args.adapter_name_or_path,
+                                 "lists several adapters; a llamafactory-moe adapter must be loaded alone")
+        if model_args.export_dir is not None:
+            from ..core.peft_types import METHODS
+
+            if not METHODS[method].config_cls.supports_merge:
+                raise MoeConfigError("export_dir", model_args.export_dir,
+                                     f"cannot be used: `llamafactory-cli export` merges adapters into the base "
+                                     f"weights, and `{method}` routes each token through input-dependent experts, "
+                                     "so it cannot be merged",
+                                     "serve base model + adapter unmerged (`adapter_name_or_path`); "
+                                     "only `moslora` (and plain LoRA) export merged")
+        return parsed
+
+    return _parse_infer_args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Model: create our adapter for training, load ours unmerged for resume and inference.
+# ---------------------------------------------------------------------------------------------------------------------
+def _wrap_init_adapter(original, module):
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        method = getattr(finetuning_args, "moe_method", None)
+        paths = _adapter_paths(model_args)
+        ours = [p for p in paths if os.path.isdir(p) and our_method_of(p)]
+        if method is None and not ours:
+            return original(config, model, model_args, finetuning_args, is_trainable)
+        return _setup_moe_adapter(model, model_args, finetuning_args, is_trainable, paths)
+
+    return init_adapter
+
+
+def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, paths: list[str]):
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from llamafactory.extras import logging
+
+    logger = logging.get_logger("llamafactory_moe")
+    _require_patches()
+    if is_trainable and getattr(model, "quantization_method", None) is not None and finetuning_args.moe_method:
+        from ..core.peft_types import METHODS
+
+        if METHODS[finetuning_args.moe_method].config_cls.modifies_base_weights:
+            raise MoeConfigError("quantization_bit", model_args.quantization_bit,
+                                 f"cannot be used with `{finetuning_args.moe_method}`")
+
+    cast_to_fp32 = (is_trainable and not finetuning_args.pure_bf16 and not finetuning_args.use_badam
+                    and not (model_args.quantization_bit is None and is_deepspeed_zero3_enabled()))
+
+    if paths:
+        if len(paths) > 1:
+            raise MoeConfigError("adapter_name_or_path", paths,
+                                 "lists several adapters; a llamafactory-moe adapter must be loaded alone")
+        _check_adapters_match(getattr(finetuning_args, "moe_method", None), paths, "adapter_name_or_path")
+        model = PeftModel.from_pretrained(model, paths[0], is_trainable=is_trainable,
+                                          cache_dir=model_args.cache_dir, token=model_args.hf_hub_token)
+        peft_config = model.peft_config["default"]
+        logger.info_rank0(f"Loaded {peft_config.method_name} adapter from {paths[0]} (unmerged).")
+        if not is_trainable and model_args.export_dir is not None and peft_config.supports_merge:
+            model = model.merge_and_unload()
+            logger.info_rank0("Merged the adapter into the base weights for export.")
+    elif is_trainable:
+        config = finetuning_args.moe_peft_config
+        target_modules = list(finetuning_args.lora_target)
+        if len(target_modules) == 1 and target_modules[0] == "all":
+            from llamafactory.model.model_utils.misc import find_all_linear_modules
+
+            target_modules = find_all_linear_modules(model, finetuning_args.freeze_vision_tower)
+        config = type(config)(**{**config.to_dict(), "target_modules": target_modules,
+                                 "peft_type": None, "inference_mode": False})
+        model = get_peft_model(model, config, autocast_adapter_dtype=cast_to_fp32)
+        logger.info_rank0(f"Created a {config.method_name} adapter on {sorted(set(target_modules))}.")
+    else:
+        return model
+
+    if is_trainable and cast_to_fp32:
+        for param in filter(lambda p: p.requires_grad, model.parameters()):
+            param.data = param.data.to(torch.float32)
+    if is_trainable and is_deepspeed_zero3_enabled():
+        _mark_zero3_leaf_modules(model)
+    return model
+
+
+def _mark_zero3_leaf_modules(model) -> None:
+    """Gather every expert/router parameter of a layer together: data-dependent routing must not break ZeRO-3's
+    prefetch trace (DeepSpeed ``set_z3_leaf_modules``)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ..core.layer import MoeLoraLayer
+
+    classes = sorted({type(m) for m in model.modules() if isinstance(m, MoeLoraLayer)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Trainers: aux losses in the loss, metrics in the logs.
+# ---------------------------------------------------------------------------------------------------------------------
+class _MoeLogAccumulator:
+    """Detached aux-loss and routing statistics since the last log, per rank."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.routing: dict[str, Any] = {}
+
+    def add(self, window) -> None:
+        terms = window.detached_terms()
+        total = sum(terms.values())
+        self.sums["moe_aux_loss"] = self.sums.get("moe_aux_loss", 0.0) + total
+        for name, value in terms.items():
+            key = f"moe_{name}"
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        for layer_name, records in window.routing.items():
+            for record in records:
+                acc = self.routing.setdefault(layer_name, {})
+                for k, v in record.items():
+                    acc[k] = acc[k] + v if k in acc else v.clone()
+
+
+def _is_moe_model(model) -> bool:
+    from ..core.layer import MoeLoraLayer
+
+    cached = getattr(model, "_llamafactory_moe_is_moe", None)
+    if cached is None:
+        cached = any(isinstance(m, MoeLoraLayer) for m in model.modules())
+        try:
+            object.__setattr__(model, "_llamafactory_moe_is_moe", cached)
+        except Exception:
+            pass
+    return cached
+
+
+def _wrap_compute_loss(original, module):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not model.training or not _is_moe_model(model):
+            return original(self, model, inputs, *args, **kwargs)
+        from ..core import aux_loss
+
+        logging_steps = max(int(getattr(self.args, "logging_steps", 1) or 1), 1)
+        collect_routing = (self.state.global_step + 1) % logging_steps == 0
+        token_mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        with aux_loss.collect(token_mask=token_mask, collect_routing=collect_routing) as window:
+            result = original(self, model, inputs, *args, **kwargs)
+        aux_total = window.weighted_total()
+        accumulator = self.__dict__.setdefault("_moe_log_accumulator", _MoeLogAccumulator())
+        accumulator.add(window)
+        if aux_total is None:
+            return result
+        # Mirror transformers' Trainer.training_step: it divides the returned loss by the accumulation steps only when
+        # the model does not normalise by `num_items_in_batch` itself; aux terms are per-micro-batch means, so they
+        # must be divided either way.
+        num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+        hf_divides = ((not getattr(self, "model_accepts_loss_kwargs", False) or num_items is None)
+                      and getattr(self, "compute_loss_func", None) is None)
+        scale = 1.0 if hf_divides else 1.0 / max(int(getattr(self, "current_gradient_accumulation_steps", 1)), 1)
+        if isinstance(result, tuple):
+            loss, *rest = result
+            return (loss + scale * aux_total.to(loss.dtype), *rest)
+        return result + scale * aux_total.to(result.dtype)
+
+    return compute_loss
+
+
+def _routing_metrics(routing: dict[str, Any]) -> dict[str, float]:
+    import torch
+
+    if not routing:
+        return {}
+    cvs, entropies, inactive = [], [], []
+    for stats in routing.values():
+        load = stats["load"].float()
+        fraction = load / load.sum().clamp_min(1e-20)
+        cvs.append(float(fraction.std(unbiased=False) / fraction.mean().clamp_min(1e-20)) if load.numel() > 1 else 0.0)
+        entropies.append(float(stats["entropy_sum"] / stats["tokens"].clamp_min(1.0)))
+        inactive.append(float((load == 0).float().mean()))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"moe_load_cv": mean(cvs), "moe_router_entropy": mean(entropies), "moe_inactive_expert_frac": mean(inactive)}
+
+
+def _wrap_log(original, module):
+    def log(self, logs, *args, **kwargs):
+        accumulator = self.__dict__.get("_moe_log_accumulator")
+        if accumulator is not None and "loss" in logs and accumulator.steps:
+            import torch
+
+            metrics = {k: v / accumulator.steps for k, v in sorted(accumulator.sums.items())}
+            metrics.update(_routing_metrics(accumulator.routing))
+            keys = sorted(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float32,
+                                  device=getattr(self.args, "device", "cpu"))
+            # Every rank logs at the same steps (transformers gathers the loss here too), so this collective is safe.
+            if getattr(self.args, "world_size", 1) > 1:
+                values = self.accelerator.reduce(values, reduction="mean")
+            logs.update({k: round(float(v), 6) for k, v in zip(keys, values.tolist())})
+            self.__dict__["_moe_log_accumulator"] = _MoeLogAccumulator()
+        return original(self, logs, *args, **kwargs)
+
+    return log
+
+
+class MoeStepCallback(TrainerCallback):
+    """Runs once-per-optimizer-step adapter updates (e.g. SMoRA's loss-free bias) on every rank."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            apply_optimizer_step_updates(model)
+
+
+def _wrap_run_exp(original, module):
+    def run_exp(args=None, callbacks=None):
+        callbacks = list(callbacks or [])
+        callbacks.append(MoeStepCallback())
+        return original(args=args, callbacks=callbacks)
+
+    return run_exp
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. trainer_log.jsonl and plots
+# ---------------------------------------------------------------------------------------------------------------------
+def _wrap_log_callback_on_log(original, module):
+    def on_log(self, args, state, control, **kwargs):
+        last = state.log_history[-1] if state.log_history else {}
+        extra = {k: v for k, v in last.items() if k.startswith("moe_")}
+        if not extra:
+            return original(self, args, state, control, **kwargs)
+        write = type(self)._write_log
+        # LogCallback hard-codes its keys and writes from a thread pool; a per-call closure carries ours along.
+        self._write_log = lambda output_dir, logs: write(self, output_dir, {**logs, **extra})
+        try:
+            return original(self, args, state, control, **kwargs)
+        finally:
+            del self._write_log
+
+    return on_log
+
+
+def _wrap_plot_loss(original, module):
+    def plot_loss(save_dictionary, keys=None):
+        keys = list(keys or ["loss"])
+        state_path = os.path.join(save_dictionary, "trainer_state.json")
+        if os.path.isfile(state_path):
+            with open(state_path, encoding="utf-8") as f:
+                history = json.load(f).get("log_history", [])
+            ours = sorted({k for entry in history for k in entry if k.startswith("moe_")})
+            keys += [k for k in ours if k not in keys]
+        return original(save_dictionary, keys=keys)
+
+    return plot_loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table. Order matters only within a module.
+# ---------------------------------------------------------------------------------------------------------------------
+_TRAINERS = (
+    ("llamafactory.train.sft.trainer", "CustomSeq2SeqTrainer"),
+    ("llamafactory.train.pt.trainer", "CustomTrainer"),
+    ("llamafactory.train.dpo.trainer", "CustomDPOTrainer"),
+    ("llamafactory.train.kto.trainer", "CustomKTOTrainer"),
+    ("llamafactory.train.rm.trainer", "PairwiseTrainer"),
+)
+
+PATCHES: list[Patch] = [
+    Patch("finetuning_arguments", "llamafactory.hparams.parser", "FinetuningArguments",
+          _replace_finetuning_arguments,
+          "accept our finetuning_type values and moe_* keys, validated before the model loads", VERIFIED),
+    Patch("parse_args", "llamafactory.hparams.parser", "_parse_args", _wrap_parse_args,
+          "name the unknown key and suggest the closest valid one", VERIFIED, ("parser", "args", "allow_extra_keys")),
+    Patch("parse_train_args", "llamafactory.hparams.parser", "_parse_train_args", _wrap_parse_train_args,
+          "cross-checks (stage, quantization, resume type), non-reentrant checkpointing, packaged demo data",
+          VERIFIED, ("args",)),
+    Patch("parse_infer_args", "llamafactory.hparams.parser", "_parse_infer_args", _wrap_parse_infer_args,
+          "refuse vLLM/SGLang and merged export for routed adapters before loading", VERIFIED, ("args",)),
+    Patch("init_adapter", "llamafactory.model.loader", "init_adapter", _wrap_init_adapter,
+          "create our adapters for training; load them unmerged for resume and inference", VERIFIED,
+          ("config", "model", "model_args", "finetuning_args", "is_trainable")),
+    Patch("run_exp", "llamafactory.train.tuner", "run_exp", _wrap_run_exp,
+          "add the once-per-optimizer-step callback (the CLI offers no way to pass callbacks)", VERIFIED,
+          ("args", "callbacks")),
+    Patch("log_callback", "llamafactory.train.callbacks", "LogCallback.on_log", _wrap_log_callback_on_log,
+          "write moe_* metrics into trainer_log.jsonl (LogCallback hard-codes its keys)", VERIFIED,
+          ("self", "args", "state", "control")),
+    Patch("plot_loss", "llamafactory.extras.ploting", "plot_loss", _wrap_plot_loss,
+          "plot moe_* curves (training_moe_aux_loss.png) beside the loss plot", VERIFIED,
+          ("save_dictionary", "keys")),
+] + [
+    row
+    for module_name, cls in _TRAINERS
+    for row in (
+        Patch(f"{cls}.compute_loss", module_name, f"{cls}.compute_loss", _wrap_compute_loss,
+              "add in-layer aux losses with HF's gradient-accumulation scaling", VERIFIED, ("self", "model", "inputs")),
+        Patch(f"{cls}.log", module_name, f"{cls}.log", _wrap_log,
+              "log moe_* metrics (mean over steps and ranks) next to the loss", VERIFIED, ("self", "logs")),
+    )
+]
