@@ -175,18 +175,32 @@ class _MoeArgumentsBase:
         try:
             return config_cls(task_type="CAUSAL_LM", **kwargs)
         except MoeConfigError as exc:
-            raise MoeConfigError(LF_KEY_FOR_FIELD.get(exc.field, f"moe_{exc.field}"), exc.value, exc.constraint,
-                                 exc.fix, method=method) from None
+            raise MoeConfigError(_lf_key(exc.field), exc.value, _to_lf_wording(exc.constraint, config_cls),
+                                 _to_lf_wording(exc.fix, config_cls), method=method) from None
         except TypeError as exc:  # wrong value type that the dataclass rejected
             raise MoeConfigError("finetuning_type", method, f"got invalid keys: {exc}") from None
 
 
-def unknown_key_error(message: str, valid_keys: list[str]) -> MoeConfigError:
+def _lf_key(config_field: str) -> str:
+    return LF_KEY_FOR_FIELD.get(config_field, f"moe_{config_field}")
+
+
+def _to_lf_wording(text: str, config_cls: type) -> str:
+    """Rewrite backticked config field names in a message with the yaml keys the user actually wrote."""
+    import re
+
+    names = set(LF_KEY_FOR_FIELD) | set(config_cls.own_field_names())
+    return re.sub(r"`([a-z_0-9]+)`", lambda m: f"`{_lf_key(m.group(1))}`" if m.group(1) in names else m.group(0),
+                  text)
+
+
+def unknown_key_error(message: str, valid_keys: list[str], raw_args=None) -> MoeConfigError:
     """Turn HfArgumentParser's "Some keys are not used" into an error that suggests the intended key."""
     import re
 
     found = re.findall(r"'([^']+)'", message)
     key = found[0] if found else "?"
     close = difflib.get_close_matches(key, valid_keys, n=1)
-    return MoeConfigError(key, "<set>", "is not a LLaMA-Factory or llamafactory-moe argument",
+    value = raw_args.get(key, "<set>") if isinstance(raw_args, dict) else "<set>"
+    return MoeConfigError(key, value, "is not a LLaMA-Factory or llamafactory-moe argument",
                           f"did you mean `{close[0]}`?" if close else "check the spelling")

@@ -106,7 +106,7 @@ def _wrap_parse_args(original, module):
                 from .arguments import unknown_key_error
 
                 valid = [f.dest for f in parser._actions]
-                raise unknown_key_error(str(exc), valid) from None
+                raise unknown_key_error(str(exc), valid, module.read_args(args)) from None
             raise
 
     return _parse_args
