@@ -1,0 +1,170 @@
+"""The spine, end to end: stock `llamafactory-cli` (real subprocesses) trains, logs, saves, resumes, reloads, chats with
+and refuses to export a MoE-LoRA adapter; the startup hook can be disabled or fail without breaking stock LoRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BASE_ENV, SHARED_DATA, final_train_loss, read_jsonl, run_cli, train_args
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tiny_data, tmp_path_factory):
+    """One 4-step moelora run with a checkpoint at step 2, shared by several tests."""
+    work = tmp_path_factory.mktemp("trained")
+    out = work / "out"
+    cfg = train_args(tiny_model, tiny_data, str(out), save_steps=2, plot_loss=True)
+    proc = run_cli(["llamafactory-cli", "train"], cfg, work)
+    _assert_ok(proc)
+    return out, cfg, work
+
+
+def test_train_writes_peft_checkpoint_and_aux_logs(trained):
+    out, _, _ = trained
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "MOELORA"
+    assert adapter_config["num_experts"] == 4 and adapter_config["top_k"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
+    logs = read_jsonl(out / "trainer_log.jsonl")
+    assert logs and all("moe_aux_loss" in row and row["moe_aux_loss"] > 0 for row in logs)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any("moe_balance_loss" in e for e in state["log_history"])
+    assert (out / "training_moe_aux_loss.png").stat().st_size > 1000
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "llamafactory" / "dataset_info.json").is_file(),
+                    reason="../shared/data/llamafactory (LLaMA-Factory demo data) is not beside the repo")
+def test_train_on_llamafactory_demo_datasets(tiny_model, tmp_path):
+    cfg = train_args(tiny_model, str(SHARED_DATA / "llamafactory"), str(tmp_path / "out"),
+                     dataset="alpaca_en_demo,identity", max_samples=16, max_steps=2)
+    proc = run_cli(["llamafactory-cli", "train"], cfg, tmp_path)
+    _assert_ok(proc)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "MOELORA"
+
+
+def test_fresh_process_reload_is_bit_exact(trained, tiny_model, tmp_path):
+    out, _, _ = trained
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from peft import PeftModel\n"
+        f"base = AutoModelForCausalLM.from_pretrained({tiny_model!r}, torch_dtype=torch.float32)\n"
+        f"model = PeftModel.from_pretrained(base, {str(out)!r}).eval()\n"
+        "ids = torch.arange(3, 40).reshape(1, -1)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(input_ids=ids).logits, sys.argv[1])\n"
+    )
+    logits = []
+    for i in range(2):  # two independent fresh interpreters: only the startup hook registers our peft type
+        target = tmp_path / f"logits{i}.pt"
+        proc = subprocess.run([sys.executable, "-c", script, str(target)], env=BASE_ENV, capture_output=True,
+                              text=True, timeout=300)
+        _assert_ok(proc)
+        logits.append(torch.load(target))
+    assert torch.equal(logits[0], logits[1])
+    # ... and the adapter is really applied: the logits differ from the base model's.
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=torch.arange(3, 40).reshape(1, -1)).logits
+    assert not torch.allclose(base_logits, logits[0])
+
+
+def test_resume_from_checkpoint_reaches_same_final_loss(trained, tmp_path):
+    out, cfg, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    before = sorted(p.name for p in (resumed / "checkpoint-2").iterdir())
+    cfg = {**cfg, "output_dir": str(resumed), "resume_from_checkpoint": str(resumed / "checkpoint-2"),
+           "overwrite_output_dir": False, "plot_loss": False}
+    proc = run_cli(["llamafactory-cli", "train"], cfg, tmp_path)
+    _assert_ok(proc)
+    assert abs(final_train_loss(resumed) - final_train_loss(out)) < 1e-6
+    assert sorted(p.name for p in (resumed / "checkpoint-2").iterdir()) == before  # nothing deleted
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_matches_single_process(tiny_model, tiny_data, tmp_path):
+    common = dict(disable_shuffling=True, max_steps=3, moe_aux_loss_coef=0.0)
+    single = train_args(tiny_model, tiny_data, str(tmp_path / "single"), per_device_train_batch_size=4, **common)
+    double = train_args(tiny_model, tiny_data, str(tmp_path / "double"), per_device_train_batch_size=2, **common)
+    _assert_ok(run_cli(["llamafactory-cli", "train"], single, tmp_path))
+    proc = run_cli(["llamafactory-cli", "train"], double, tmp_path,
+                   env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29533"})
+    _assert_ok(proc)
+    assert "unused parameters" not in proc.stderr.lower()
+    losses_1 = [e["loss"] for e in read_jsonl(tmp_path / "single" / "trainer_log.jsonl")]
+    losses_2 = [e["loss"] for e in read_jsonl(tmp_path / "double" / "trainer_log.jsonl")]
+    assert len(losses_1) == len(losses_2) == 3
+    for a, b in zip(losses_1, losses_2):
+        assert abs(a - b) < 1e-4, (losses_1, losses_2)
+
+
+def test_chat_model_with_only_adapter_path_answers(trained, tiny_model):
+    from llamafactory.chat import ChatModel
+
+    out, _, _ = trained
+    chat = ChatModel(dict(model_name_or_path=tiny_model, adapter_name_or_path=str(out), template="llama3",
+                          max_new_tokens=4, do_sample=False))
+    from peft import PeftModel
+
+    assert isinstance(chat.engine.model, PeftModel)
+    assert chat.engine.model.peft_config["default"].method_name == "moelora"
+    responses = chat.chat([{"role": "user", "content": "add 1 and 2"}])
+    assert len(responses) == 1 and isinstance(responses[0].response_text, str)
+
+
+def test_export_of_routed_adapter_refuses_before_loading(trained, tiny_model, tmp_path):
+    out, _, _ = trained
+    cfg = dict(model_name_or_path=tiny_model, adapter_name_or_path=str(out), template="llama3",
+               export_dir=str(tmp_path / "exported"))
+    proc = run_cli(["llamafactory-cli", "export"], cfg, tmp_path)
+    assert proc.returncode != 0
+    assert "`export_dir`" in proc.stderr and "cannot be merged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "exported").exists()
+
+
+def test_vllm_backend_refused(trained, tiny_model):
+    from llamafactory.hparams import get_infer_args
+
+    from llamafactory_moe.core.errors import MoeConfigError
+
+    out, _, _ = trained
+    with pytest.raises(MoeConfigError, match="infer_backend"):
+        get_infer_args(dict(model_name_or_path=tiny_model, adapter_name_or_path=str(out), template="llama3",
+                            infer_backend="vllm"))
+
+
+@pytest.mark.parametrize("env, expect_warning", [
+    ({"LLAMAFACTORY_MOE_DISABLE": "1"}, False),
+    ({"LLAMAFACTORY_MOE_BREAK_PATCH": "init_adapter"}, True),
+])
+def test_stock_lora_survives_disabled_or_broken_hook(env, expect_warning, tiny_model, tiny_data, tmp_path):
+    lora = train_args(tiny_model, tiny_data, str(tmp_path / "lora"), finetuning_type="lora", moe_num_experts=None,
+                      moe_top_k=None, max_steps=2)
+    proc = run_cli(["llamafactory-cli", "train"], lora, tmp_path, env=env)
+    _assert_ok(proc)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert ("patch `init_adapter`" in proc.stderr and "was not applied" in proc.stderr) == expect_warning
+    moe = train_args(tiny_model, tiny_data, str(tmp_path / "moe"), max_steps=2)
+    proc = run_cli(["llamafactory-cli", "train"], moe, tmp_path, env=env)
+    assert proc.returncode != 0
+    if expect_warning:  # patched parser, broken loader patch: refused with a clear message, before loading
+        assert "patches failed: init_adapter" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "moe" / "adapter_config.json").exists()
