@@ -13,7 +13,10 @@ with adapters disabled, which record nothing either. The window must be used wit
 (forced by the argument patch): reentrant checkpointing runs the first forward under ``no_grad``, so the recorded terms
 would have no graph.
 
-The window also carries the batch's token mask, so balance statistics skip padding without any hook on the model.
+The window also sets the batch's token mask, so balance statistics skip padding without any hook on the model. The
+mask outlives the window until the next one opens: non-reentrant checkpointing requires the recomputation (which runs
+during ``backward()``, after the window closed) to perform exactly the ops of the original forward, so a layer's
+computation may depend on the mask but never on whether the window is open — only ``record`` does.
 """
 
 from __future__ import annotations
@@ -63,16 +66,17 @@ class AuxLossWindow:
 
 
 _window: Optional[AuxLossWindow] = None
+_batch_window: Optional[AuxLossWindow] = None  # the last window opened: its token mask serves recomputation too
 
 
 @contextmanager
 def collect(token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False) -> Iterator[AuxLossWindow]:
     """Open a window for one loss computation. Nested windows are not allowed."""
-    global _window
+    global _window, _batch_window
     if _window is not None:
         raise RuntimeError("an aux-loss window is already open; compute_loss must not be re-entered")
     window = AuxLossWindow(token_mask=token_mask, collect_routing=collect_routing)
-    _window = window
+    _window = _batch_window = window
     try:
         yield window
     finally:
@@ -94,7 +98,8 @@ def record(term: str, value: torch.Tensor, coef: float) -> None:
 
 
 def token_mask(num_tokens: int) -> Optional[torch.Tensor]:
-    return None if _window is None else _window.token_mask(num_tokens)
+    """The current training batch's non-padding mask (also during checkpoint recomputation), or None."""
+    return None if _batch_window is None else _batch_window.token_mask(num_tokens)
 
 
 def wants_routing() -> bool:

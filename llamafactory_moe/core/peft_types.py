@@ -59,9 +59,15 @@ def register_method(name: str, config_cls: type, model_cls: type) -> None:
         METHODS[name] = MethodSpec(name=name, config_cls=config_cls, model_cls=model_cls)
 
 
+METHODS_PACKAGE = "llamafactory_moe.methods"
+
+
 def register_all_methods(_peft_module=None) -> None:
-    """Import every method file (each registers itself). Called by the startup hook once ``peft`` is imported."""
-    import llamafactory_moe.methods  # noqa: F401  (registration is the import side effect)
+    """Import the methods package (each method file registers itself). Called by the startup hook once ``peft`` is
+    imported. Imported by name: core discovers methods like plugins and never depends on their code."""
+    import importlib
+
+    importlib.import_module(METHODS_PACKAGE)
 
 
 def public_classes() -> dict[str, type]:

@@ -30,8 +30,9 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize
     if top_k is None or top_k >= num_experts:
         selected = torch.ones_like(router_probs, dtype=torch.bool)
         return router_probs, router_probs, selected
-    # torch.topk breaks ties by index order, which keeps routing deterministic for equal scores.
-    _, top_indices = router_probs.topk(top_k, dim=-1)
+    # A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified),
+    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does.
+    top_indices = torch.argsort(router_probs, dim=-1, descending=True, stable=True)[..., :top_k]
     selected = torch.zeros_like(router_probs, dtype=torch.bool).scatter_(-1, top_indices, True)
     routing_weights = router_probs * selected
     if renormalize:

@@ -1,0 +1,111 @@
+"""core/: routers and balance losses on hand-sized cases, kernel parity with the per-expert loops, PeftType
+registration, the aux-loss window, step hooks, and the layering rule (core imports no method or integration)."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamafactory_moe.core import aux_loss, experts, routing
+from llamafactory_moe.core.peft_types import extend_peft_type
+
+CORE_DIR = Path(__file__).resolve().parents[2] / "llamafactory_moe" / "core"
+
+
+def test_softmax_top_k_keeps_k_and_renormalises():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    weights, probs, selected = routing.softmax_top_k(logits, top_k=2)
+    assert selected.sum(-1).tolist() == [2, 2]
+    assert selected[0].tolist() == [True, True, False, False]
+    # ties broken by index order: deterministic
+    assert selected[1].tolist() == [True, True, False, False]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    e = torch.exp(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(weights[0, :2], e / e.sum())
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+
+
+def test_softmax_top_k_is_fp32_and_soft_when_k_is_none():
+    logits = torch.randn(5, 3, dtype=torch.bfloat16)
+    weights, probs, selected = routing.softmax_top_k(logits, top_k=None)
+    assert weights.dtype == torch.float32 and selected.all()
+
+
+def test_switch_balance_loss_hand_case_and_padding():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.1, 0.9]])
+    selected = torch.tensor([[True, False], [True, False], [False, True]])
+    # all tokens: f = (2/3, 1/3), P = (1.4/3, 1.6/3); loss = 2 * (f . P)
+    expected = 2 * ((2 / 3) * (1.4 / 3) + (1 / 3) * (1.6 / 3))
+    assert math.isclose(float(routing.switch_balance_loss(probs, selected)), expected, rel_tol=1e-6)
+    mask = torch.tensor([True, True, False])  # third token is padding
+    expected_masked = 2 * (1.0 * 0.65 + 0.0 * 0.35)
+    assert math.isclose(float(routing.switch_balance_loss(probs, selected, mask)), expected_masked, rel_tol=1e-6)
+
+
+def test_cv_squared_uses_unbiased_variance():
+    v = torch.tensor([1.0, 2.0, 3.0])
+    assert math.isclose(float(routing.cv_squared(v)), 1.0 / 4.0, rel_tol=1e-6)
+    assert float(routing.cv_squared(torch.tensor([5.0]))) == 0.0
+
+
+@pytest.mark.parametrize("num_experts, rank", [(1, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_per_expert_loops(num_experts, rank, dtype):
+    g = torch.Generator().manual_seed(num_experts)
+    n, d_in, d_out = 7, 5, 6
+    x = torch.randn(n, d_in, generator=g, dtype=dtype)
+    A = torch.randn(num_experts * rank, d_in, generator=g, dtype=dtype)
+    B = torch.randn(d_out, num_experts * rank, generator=g, dtype=dtype)
+    w = torch.softmax(torch.randn(n, num_experts, generator=g), -1)
+    w[0] = 0.0  # a token routed nowhere
+    w[:, 0] = 0.0 if num_experts > 1 else w[:, 0]  # an expert nobody uses
+    torch.testing.assert_close(experts.paired_experts(x, A, B, w, rank),
+                               experts.paired_experts_reference(x, A, B, w, rank))
+    torch.testing.assert_close(experts.mixed_down_projection(x, A, w, rank),
+                               experts.mixed_down_projection_reference(x, A, w, rank))
+    h = torch.randn(n, rank, generator=g, dtype=dtype)
+    torch.testing.assert_close(experts.routed_up_projection(h, B, w), experts.routed_up_projection_reference(h, B, w))
+
+
+def test_peft_type_extension_is_idempotent_and_behaves_like_a_member():
+    from peft.utils.peft_types import PeftType
+
+    member = extend_peft_type("zzz_probe_method")
+    assert extend_peft_type("zzz_probe_method") is member
+    assert PeftType("ZZZ_PROBE_METHOD") is member and member in list(PeftType) and member == "ZZZ_PROBE_METHOD"
+    assert {member: 1}["ZZZ_PROBE_METHOD"] == 1
+
+
+def test_aux_loss_window_records_only_while_open_and_rejects_nesting():
+    value = torch.tensor(2.0, requires_grad=True)
+    aux_loss.record("x", value, 1.0)  # closed: ignored
+    mask = torch.tensor([[1, 1, 0]])
+    with aux_loss.collect(token_mask=mask) as window:
+        aux_loss.record("balance_loss", value, 0.5)
+        aux_loss.record("balance_loss", value, 0.5)
+        assert aux_loss.token_mask(3).tolist() == [True, True, False]
+        assert aux_loss.token_mask(4) is None  # does not describe these tokens
+        with pytest.raises(RuntimeError):
+            with aux_loss.collect():
+                pass
+    assert window.detached_terms() == {"balance_loss": 2.0}
+    window.weighted_total().backward()
+    assert float(value.grad) == 1.0
+    assert not aux_loss.is_open()
+
+
+def test_core_imports_no_method_or_integration():
+    for path in CORE_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                assert "methods" not in module and "integrations" not in module, f"{path.name}: {module}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert "llamafactory_moe.methods" not in alias.name, path.name
+                    assert "llamafactory_moe.integrations" not in alias.name, path.name
