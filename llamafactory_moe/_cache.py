@@ -49,12 +49,15 @@ def get_or_build(entry: Path, build: Callable[[Path], None]) -> Path:
     with _file_lock(entry.parent / f".{entry.name}.lock"):
         if entry.is_dir():  # another process finished while we waited for the lock
             return entry
-        # Same parent directory as the entry, so the final rename cannot cross file systems.
+        # Same parent directory as the entry, so the final rename cannot cross file systems. mkdtemp makes a private
+        # (0700) directory; the entry itself is a plain mkdir inside it, so it gets the user's umask like any folder.
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
         try:
-            build(tmp)
+            staged = tmp / entry.name
+            staged.mkdir()
+            build(staged)
             try:
-                os.rename(tmp, entry)
+                os.rename(staged, entry)
             except OSError:
                 if not entry.is_dir():
                     raise
