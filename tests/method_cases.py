@@ -9,5 +9,14 @@ METHOD_CASES = [
     # id, method, peft config kwargs, llamafactory yaml keys
     ("moelora-top2", "moelora", dict(num_experts=4, top_k=2, expert_rank=4), dict(moe_num_experts=4, moe_top_k=2, lora_rank=4)),
     ("moelora-soft", "moelora", dict(num_experts=3, top_k=None, expert_rank=4), dict(moe_num_experts=3, moe_top_k=3, lora_rank=4)),
+    ("goat-top2", "goat", dict(num_experts=4, top_k=2, expert_rank=2), dict(moe_num_experts=4, moe_top_k=2, lora_rank=2)),
+    ("goat-gradient-alignment", "goat", dict(num_experts=4, top_k=2, expert_rank=1, scaling_mode="gradient_alignment"), dict(moe_num_experts=4, moe_top_k=2, lora_rank=1, moe_scaling_mode="gradient_alignment")),
+    ("adamole", "adamole", dict(num_experts=4, expert_rank=2), dict(moe_num_experts=4, lora_rank=2)),
+    ("adamole-high-threshold", "adamole", dict(num_experts=4, expert_rank=2, max_threshold=0.5), dict(moe_num_experts=4, lora_rank=2, moe_max_threshold=0.5)),
+    ("d2mora", "d2mora", dict(num_down_experts=3, num_experts=2, expert_rank=2), dict(moe_num_down_experts=3, moe_num_experts=2, lora_rank=2)),
+    ("d2mora-per-expert-dropout", "d2mora", dict(num_down_experts=2, num_experts=3, expert_rank=2, expert_dropout=0.1, per_expert_dropout=True), dict(moe_num_down_experts=2, moe_num_experts=3, lora_rank=2, lora_dropout=0.1, moe_per_expert_dropout=True)),
+    ("hydralora", "hydralora", dict(num_experts=3, expert_rank=2), dict(moe_num_experts=3, lora_rank=2)),
+    ("hydralora-balance", "hydralora", dict(num_experts=3, expert_rank=2, head_balance_loss=True), dict(moe_num_experts=3, lora_rank=2, moe_head_balance_loss=True)),
+    ("moslora", "moslora", dict(expert_rank=4), dict(lora_rank=4)),
     # -- add rows above this line --
 ]
