@@ -14,7 +14,7 @@ METHOD_CASES = [
     ("adamole", "adamole", dict(num_experts=4, expert_rank=2), dict(moe_num_experts=4, lora_rank=2)),
     ("adamole-high-threshold", "adamole", dict(num_experts=4, expert_rank=2, max_threshold=0.5), dict(moe_num_experts=4, lora_rank=2, moe_max_threshold=0.5)),
     ("d2mora", "d2mora", dict(num_down_experts=3, num_experts=2, expert_rank=2), dict(moe_num_down_experts=3, moe_num_experts=2, lora_rank=2)),
-    ("d2mora-per-expert-dropout", "d2mora", dict(num_down_experts=2, num_experts=3, expert_rank=2, expert_dropout=0.1, per_expert_dropout=True), dict(moe_num_down_experts=2, moe_num_experts=3, lora_rank=2, lora_dropout=0.1, moe_per_expert_dropout=True)),
+    ("d2mora-one-down-expert", "d2mora", dict(num_down_experts=1, num_experts=3, expert_rank=2, aux_loss_coef=1e-2), dict(moe_num_down_experts=1, moe_num_experts=3, lora_rank=2, moe_aux_loss_coef=1e-2)),
     ("hydralora", "hydralora", dict(num_experts=3, expert_rank=2), dict(moe_num_experts=3, lora_rank=2)),
     ("hydralora-balance", "hydralora", dict(num_experts=3, expert_rank=2, head_balance_loss=True), dict(moe_num_experts=3, lora_rank=2, moe_head_balance_loss=True)),
     ("moslora", "moslora", dict(expert_rank=4), dict(lora_rank=4)),
