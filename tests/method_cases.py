@@ -18,5 +18,7 @@ METHOD_CASES = [
     ("hydralora", "hydralora", dict(num_experts=3, expert_rank=2), dict(moe_num_experts=3, lora_rank=2)),
     ("hydralora-balance", "hydralora", dict(num_experts=3, expert_rank=2, head_balance_loss=True), dict(moe_num_experts=3, lora_rank=2, moe_head_balance_loss=True)),
     ("moslora", "moslora", dict(expert_rank=4), dict(lora_rank=4)),
+    ("smora", "smora", dict(expert_rank=8, top_k=2, lora_alpha=4.0), dict(lora_rank=8, moe_top_k=2, lora_alpha=4)),
+    ("smora-as-shipped-gate", "smora", dict(expert_rank=8, top_k=3, rank_partition=2, gate_uses_bias=True, bias_update_rate=1e-3), dict(lora_rank=8, moe_top_k=3, moe_rank_partition=2, moe_gate_uses_bias=True, moe_bias_update_rate=1e-3)),
     # -- add rows above this line --
 ]
