@@ -145,10 +145,21 @@ def _maybe_use_packaged_data(data_args) -> None:
             data_args.media_dir = data_args.dataset_dir
 
 
+def _expand_user_paths(model_args) -> None:
+    """Accept ``~/...`` model and adapter paths (our demo configs point into ``~/.cache``); transformers would treat
+    an unexpanded ``~`` path as a hub repo id."""
+    if isinstance(model_args.model_name_or_path, str) and model_args.model_name_or_path.startswith("~"):
+        model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
+    if model_args.adapter_name_or_path:
+        model_args.adapter_name_or_path = [os.path.expanduser(p) if p.startswith("~") else p
+                                           for p in model_args.adapter_name_or_path]
+
+
 def _wrap_parse_train_args(original, module):
     def _parse_train_args(args=None):
         parsed = original(args)
         model_args, data_args, training_args, finetuning_args, _ = parsed
+        _expand_user_paths(model_args)
         _maybe_use_packaged_data(data_args)
         method = getattr(finetuning_args, "moe_method", None)
         if method is None:
@@ -189,6 +200,7 @@ def _wrap_parse_infer_args(original, module):
     def _parse_infer_args(args=None):
         parsed = original(args)
         model_args, _data_args, finetuning_args, _ = parsed
+        _expand_user_paths(model_args)
         methods = {m for m in (our_method_of(p) for p in _adapter_paths(model_args) if os.path.isdir(p)) if m}
         if getattr(finetuning_args, "moe_method", None):
             methods.add(finetuning_args.moe_method)
@@ -406,6 +418,22 @@ def _wrap_log(original, module):
     return log
 
 
+def _wrap_create_optimizer(original, module):
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = original(self, *args, **kwargs)
+        # Upstream cause: under DeepSpeed, transformers' `deepspeed_optim_sched` builds the LR scheduler on this
+        # optimizer, then `DeepSpeedEngine._configure_optimizer` (deepspeed 0.19.8 runtime/engine.py:2348) deletes its
+        # empty param groups in place. HF's weight-decay grouping leaves the no-decay group empty for adapters (no
+        # trainable bias / norm), so the scheduler holds one lr more than the optimizer has groups and torch's
+        # `zip(..., strict=True)` fails at the first `lr_scheduler.step()` (stock LoRA too). Dropping the empty groups
+        # here, before the scheduler exists, is exactly what DeepSpeed does a moment later.
+        if getattr(self, "is_deepspeed_enabled", False) and hasattr(optimizer, "param_groups"):
+            optimizer.param_groups[:] = [group for group in optimizer.param_groups if len(group["params"]) > 0]
+        return optimizer
+
+    return create_optimizer
+
+
 class MoeStepCallback(TrainerCallback):
     """Runs once-per-optimizer-step adapter updates (e.g. SMoRA's loss-free bias) on every rank."""
 
@@ -499,5 +527,9 @@ PATCHES: list[Patch] = [
               "add in-layer aux losses with HF's gradient-accumulation scaling", VERIFIED, ("self", "model", "inputs")),
         Patch(f"{cls}.log", module_name, f"{cls}.log", _wrap_log,
               "log moe_* metrics (mean over steps and ranks) next to the loss", VERIFIED, ("self", "logs")),
+        Patch(f"{cls}.create_optimizer", module_name, f"{cls}.create_optimizer", _wrap_create_optimizer,
+              "DeepSpeed: drop empty param groups before HF builds the LR scheduler (DeepSpeed drops them after, "
+              "so the first lr_scheduler.step() fails: zip() argument 2 is longer than argument 1)", VERIFIED,
+              ("self",)),
     )
 ]
