@@ -139,7 +139,7 @@ def _default_data_root(config_dir: str) -> Optional[str]:
     return str(candidate) if candidate.is_dir() else None
 
 
-def settings_from_env(config_dir: str, *, default_max_out_len: int) -> dict:
+def settings_from_env(config_dir: str, *, default_max_out_len: int, needs_data: bool = True) -> dict:
     """Read the ``MOE_*`` environment variables (documented at the top of each config) into a plain dict.
 
     Raises ``ValueError`` / ``FileNotFoundError`` with the variable name and the fix, so a bad setting fails while the
@@ -163,7 +163,7 @@ def settings_from_env(config_dir: str, *, default_max_out_len: int) -> dict:
                                     "`output_dir` of `llamafactory-cli train`, or unset it to evaluate the base model.")
 
     data_root = _env("MOE_EVAL_DATA") or _default_data_root(config_dir)
-    if data_root is None:
+    if data_root is None and needs_data:
         raise FileNotFoundError("`MOE_EVAL_DATA` is not set and no ../shared/data directory was found next to the "
                                 "repository; set MOE_EVAL_DATA to the folder holding flan/ and commonsense/.")
 
@@ -185,7 +185,7 @@ def settings_from_env(config_dir: str, *, default_max_out_len: int) -> dict:
         base_model=base_model,
         adapter=adapter,
         abbr=_env("MOE_MODEL_ABBR") or Path(source).name,
-        data_root=str(Path(data_root).expanduser().resolve()),
+        data_root=str(Path(data_root).expanduser().resolve()) if data_root else None,
         batch_size=_env_int("MOE_EVAL_BATCH_SIZE", 8),
         max_out_len=_env_int("MOE_MAX_OUT_LEN", default_max_out_len),
         max_seq_len=_env_int("MOE_MAX_SEQ_LEN", None),

@@ -235,3 +235,45 @@ def test_opencompass_ppl_on_smollm2(tmp_path):
     scores = summary_scores(tmp_path)
     for row in ("boolq-ppl", "piqa-ppl", "commonsense-avg"):
         assert _is_number(scores.get(row, "-")) and 0 <= float(scores[row]) <= 100, scores
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stock OpenCompass dataset configs on local files
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def oc_data(tmp_path) -> Path:
+    """Two rows per stock dataset, in the OpenCompassData layouts that ARCDataset / BoolQDatasetV2 read."""
+    import json
+
+    root = tmp_path / "OpenCompassData"
+    arc = [{"question": {"stem": f"Which is number {i}?",
+                         "choices": [{"label": c, "text": f"option {c}"} for c in "ABCD"]}, "answerKey": "ABCD"[i]}
+           for i in range(2)]
+    boolq = [{"question": "is the sky blue", "passage": "The sky is blue.", "label": "true"},
+             {"question": "is fire cold", "passage": "Fire is hot.", "label": "false"}]
+    for rel, rows in [("data/ARC/ARC-c/ARC-Challenge-Dev.jsonl", arc), ("data/ARC/ARC-e/ARC-Easy-Dev.jsonl", arc),
+                      ("data/SuperGLUE/BoolQ/val.jsonl", boolq)]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_stock_config_points_at_local_files(tiny_model, oc_data, monkeypatch):
+    cfg = _parse("stock_datasets_local.py", dict(MOE_BASE_MODEL=tiny_model, MOE_OC_DATA=str(oc_data),
+                                                 MOE_NUM_GPUS="0"), monkeypatch)
+    assert {d["abbr"]: Path(d["path"]).is_file() for d in cfg.datasets} == {"ARC-c": True, "ARC-e": True,
+                                                                             "BoolQ": True}
+    (oc_data / "data/SuperGLUE/BoolQ/val.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match=r"BoolQ: expected .*val\.jsonl"):
+        _parse("stock_datasets_local.py", dict(MOE_BASE_MODEL=tiny_model, MOE_OC_DATA=str(oc_data),
+                                               MOE_NUM_GPUS="0"), monkeypatch)
+
+
+@pytest.mark.slow
+def test_stock_config_cli(tiny_model, oc_data, tmp_path):
+    result = run_opencompass("stock_datasets_local.py", dict(MOE_BASE_MODEL=tiny_model, MOE_OC_DATA=str(oc_data),
+                                                             MOE_MAX_OUT_LEN="4"), tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    scores = summary_scores(tmp_path)
+    assert all(_is_number(scores.get(abbr, "-")) for abbr in ("ARC-c", "ARC-e", "BoolQ")), scores
