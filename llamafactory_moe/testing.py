@@ -64,8 +64,9 @@ Translate the following sentence into French. Summarize the text in one sentence
 healthy. What is the capital of France? The capital of France is Paris. How many days are there in a week? There are
 seven days in a week. Explain why the sky is blue. Sunlight is scattered by the air, and blue light is scattered more
 than red light. Write a short poem about the sea. The quick brown fox jumps over the lazy dog.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 25 50 64 100 128 256 512 1000. Letters: a b c d e f g h i j k l m n o p q
-r s t u v w x y z. A B C D E F G H I J K L M N O P Q R S T U V W X Y Z. Punctuation: , . ; : ! ? ' " ( ) [ ] { } - + = * /
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 25 50 64 100 128 256 512 1000.
+Letters: a b c d e f g h i j k l m n o p q r s t u v w x y z. A B C D E F G H I J K L M N O P Q R S T U V W X Y Z.
+Punctuation: , . ; : ! ? ' " ( ) [ ] { } - + = * /
 system user assistant ipython tool function true false yes no
 """
 
@@ -190,8 +191,8 @@ def tiny_llama_path(
     import torch
     import transformers
 
-    params = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
-                  num_heads=num_heads, num_kv_heads=num_kv_heads, seed=seed)
+    params = {"hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_layers": num_layers,
+              "num_heads": num_heads, "num_kv_heads": num_kv_heads, "seed": seed}
     key = json.dumps({
         "params": params,
         "build": _BUILD_VERSION,
