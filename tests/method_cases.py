@@ -20,5 +20,8 @@ METHOD_CASES = [
     ("moslora", "moslora", dict(expert_rank=4), dict(lora_rank=4)),
     ("smora", "smora", dict(expert_rank=8, top_k=2, lora_alpha=4.0), dict(lora_rank=8, moe_top_k=2, lora_alpha=4)),
     ("smora-as-shipped-gate", "smora", dict(expert_rank=8, top_k=3, rank_partition=2, gate_uses_bias=True, bias_update_rate=1e-3), dict(lora_rank=8, moe_top_k=3, moe_rank_partition=2, moe_gate_uses_bias=True, moe_bias_update_rate=1e-3)),
+    ("smore-switch", "smore", dict(layer_num_experts=[3, 2], layer_top_k=[2, 1], layer_ranks=[2, 3], gate_dims=[8], router_down_dim=8), dict(moe_layer_num_experts=[3, 2], moe_layer_top_k=[2, 1], moe_layer_ranks=[2, 3], moe_gate_dims=[8], moe_router_down_dim=8)),
+    ("smore-noisy-shared-pool", "smore", dict(layer_num_experts=[3, 3], layer_top_k=[2, 2], layer_ranks=[2, 2], gate_type="noisy_topk", shared_expert_pool=True, activation_position="child_v2", gate_dims=[8], router_down_dim=8), dict(moe_layer_num_experts=[3, 3], moe_layer_top_k=[2, 2], moe_layer_ranks=[2, 2], moe_gate_type="noisy_topk", moe_shared_expert_pool=True, moe_activation_position="child_v2", moe_gate_dims=[8], moe_router_down_dim=8)),
+    ("smore-dense-eq-1-layer", "smore", dict(layer_num_experts=[2, 2], layer_top_k=[2, 2], layer_ranks=[2, 2], gate_type="dense", init_method="eq_1_layer", gate_dims=[8], router_down_dim=8), dict(moe_layer_num_experts=[2, 2], moe_layer_top_k=[2, 2], moe_layer_ranks=[2, 2], moe_gate_type="dense", moe_init_method="eq_1_layer", moe_gate_dims=[8], moe_router_down_dim=8)),
     # -- add rows above this line --
 ]
