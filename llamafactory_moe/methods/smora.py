@@ -14,6 +14,9 @@ per-rank bias b steers which k ranks a token uses, and the update is a k-sparse 
 Loss-free balancing (Wang et al. 2024, as in DeepSeek-V3): no auxiliary loss. During the training forwards of one
 optimizer step each layer counts c_j, the real (non-padding) tokens that selected rank j; after the step the counts are
 summed over data-parallel ranks and every bias moves b_j <- b_j + u * sign(mean(c) - c_j), u = bias_update_rate.
+LLaMA-Factory runs this after every optimizer step; a plain PyTorch loop forwards inside
+``model.aux_loss_window(mask)`` and calls ``core.step_hooks.apply_optimizer_step_updates(model)`` after
+``optimizer.step()``.
 
 Expert compute is dense and masked: H = x~ A^T (N, r), times the k-sparse gate, times B^T (two GEMMs, no gather, no
 loop over ranks); A: (r, in), B: (out, r) are the stacked form of r rank-1 experts.
@@ -27,13 +30,13 @@ Deviations (from the shipped code; spec §A.5 and §A.12):
   micro-batch, twice with gradient checkpointing), counting padding, never synchronised. `bias_trainable=True` restores
   the trainable parameter; the per-forward schedule is not offered (it is approximated by multiplying
   `bias_update_rate` by the gradient-accumulation steps, x2 with gradient checkpointing).
-* Gate values use the unbiased scores by default (the bias only selects, as in loss-free balancing);
-  `gate_uses_bias=True` gives the shipped gate built from the biased scores.
+* Gate values use the unbiased scores by default: the paper adopts loss-free balancing, where the bias only selects
+  (spec §A.12 item 6 lists the leak of the bias into the gate as a bug); `gate_uses_bias=True` gives the shipped gate.
 * The gate normaliser sum_{i in I} v_i is kept at least 1e-6 away from zero (unguarded upstream).
 * `bias_update_rate` is configurable (hard-coded 1e-5 upstream); the unused `epsilon_greedy` and ignored
   `dense_compute` flags are dropped; the TVM gather kernels are replaced by the dense masked GEMMs above.
-* Keys are `smora_A`, `smora_B`, `smora_router`, `smora_bias` (shipped: `lora_A.weight`, `lora_B.weight`,
-  `lora_router.weight`, `lora_biases`).
+* Keys are `smora_A`, `smora_B`, `smora_router`, `smora_bias` (`smora_trainable_bias` with `bias_trainable`);
+  shipped: `lora_A.weight`, `lora_B.weight`, `lora_router.weight`, `lora_biases` under peft type SRMOLE.
 """
 
 from __future__ import annotations
@@ -47,8 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
-from ..core import aux_loss
+from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_float, check_int
 from ..core.experts import paired_experts
 from ..core.routing import record_routing
