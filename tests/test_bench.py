@@ -1,0 +1,67 @@
+"""The benchmark harness in tiny mode: it runs end to end and reports every implemented method.
+
+Timings are not asserted (CI machines are noisy); the op counts are, since they do not depend on the machine: a
+method's aten ops per layer forward + backward must not grow with the number of experts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # Few repetitions: the test checks completeness, not speed.
+    cmd = [sys.executable, "-m", "llamafactory_moe.bench", "--tiny", "--train-steps", "2", "--layer-reps", "2",
+           "--gen-reps", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.with_suffix(".json").is_file(), f"no JSON written:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert proc.returncode == 0, f"variants failed: {result['errors']}\n{proc.stderr[-5000:]}"
+    return result, out.with_suffix(".md").read_text()
+
+
+def test_every_implemented_method_is_reported(tiny_run):
+    from llamafactory_moe.bench.cases import BENCH_CASES
+    from llamafactory_moe.methods import IMPLEMENTED
+
+    result, markdown = tiny_run
+    assert set(result["methods"]) == set(IMPLEMENTED)
+    for method in IMPLEMENTED:
+        if method not in BENCH_CASES:
+            assert f"`{method}`: no bench config" in markdown
+            continue
+        for case in BENCH_CASES[method]:
+            assert f"| {case.label} " in markdown, f"no table row for {case.label}"
+    assert result["errors"] == {}
+
+
+def test_table_is_complete(tiny_run):
+    result, markdown = tiny_run
+    measured = ("train_step", "layer_fwd_bwd", "ops", "peak_memory", "generate")
+    for case in result["cases"]:
+        for key in ("vs_rank", "vs_params"):
+            comparison = case[key]
+            for metric in measured:
+                assert comparison["ratios"][metric] is not None, (case["label"], key, metric)
+                assert comparison["pass"][metric] in (True, False)
+    assert "n/a" not in markdown.split("### Absolute")[0]
+
+
+def test_op_count_does_not_grow_with_experts(tiny_run):
+    result, _ = tiny_run
+    e_small, e_large = result["settings"]["ops_experts"]
+    for case in result["cases"]:
+        ops = result["variants"][case["label"]]["ops"]
+        if case["experts_fields"]:
+            assert ops[str(e_small)] == ops[str(e_large)], (case["label"], ops)
