@@ -153,15 +153,13 @@ def _build_adapter(kind: str, base_model: str, out_dir: Path) -> Path:
     if kind == "lora":
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     else:
-        import llamafactory_moe
-        from llamafactory_moe.core.peft_types import public_classes
+        from llamafactory_moe.core.peft_types import public_classes  # importing it registers our PEFT types
         from tests.method_cases import METHOD_CASES
 
         _, method, kwargs, _ = next(row for row in METHOD_CASES if row[0] == kind)
         config_cls = next(cls for name, cls in public_classes().items()
                           if name.lower() == f"{method}config")
         config = config_cls(target_modules=["q_proj", "v_proj"], **kwargs)
-        del llamafactory_moe
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(base_model).save_pretrained(out_dir)
