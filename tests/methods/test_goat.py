@@ -340,3 +340,41 @@ def test_svd_runs_on_rank0_and_is_broadcast(tmp_path):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-3000:]
         assert f"OK {rank}" in out
+
+
+ZERO3_SCRIPT = textwrap.dedent("""
+    import os, torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("TEST_PORT", "29731"), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    import llamafactory_moe
+    from peft import get_peft_model
+    from llamafactory_moe.methods.goat import GoatConfig, svd_segments
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    keep_alive = HfDeepSpeedConfig(ds_config)  # makes is_deepspeed_zero3_enabled() true, as LLaMA-Factory does
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = torch.nn.Sequential(torch.nn.Linear(48, 40))
+    weight = model[0].weight
+    assert weight.shape == (0,), weight.shape  # partitioned
+    layer = get_peft_model(model, GoatConfig(target_modules=["0"], num_experts=4, expert_rank=2)).base_model.model[0]
+    with deepspeed.zero.GatheredParameters(weight):
+        A, B = svd_segments(weight, 4, 2, layer.moe_config["default"].layer_scaling(48) * 10.0)
+    assert torch.equal(layer.goat_A_init["default"], A) and torch.equal(layer.goat_B_init["default"], B)
+    assert torch.equal(layer.goat_A["default"], A) and weight.shape == (0,)  # W0 untouched, still partitioned
+    print("ZERO3-OK")
+""")
+
+
+@pytest.mark.slow
+def test_svd_init_gathers_zero3_partitioned_weight(tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TEST_PORT": str(29700 + os.getpid() % 200)}
+    result = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZERO3-OK" in result.stdout
