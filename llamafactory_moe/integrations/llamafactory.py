@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -124,6 +125,95 @@ def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> 
         if method is not None and theirs != method:
             raise MoeConfigError(key, path, f"holds a `{peft_type.lower()}` adapter but `finetuning_type` is "
                                  f"`{method}`", f"set `finetuning_type: {theirs or 'lora'}` or start a new adapter")
+        if theirs is not None:
+            saved_adapter_shapes(path, key)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _intact_earlier_checkpoint(adapter_dir: str) -> Optional[str]:
+    """The newest sibling ``checkpoint-M`` (M < N) whose adapter weights open, for ``.../checkpoint-N``."""
+    path = Path(adapter_dir).resolve()
+    match = _CHECKPOINT_RE.match(path.name)
+    if not match:
+        return None
+    earlier = sorted(((int(m.group(1)), p) for p in path.parent.iterdir()
+                      if (m := _CHECKPOINT_RE.match(p.name)) and int(m.group(1)) < int(match.group(1))), reverse=True)
+    for _, candidate in earlier:
+        try:
+            _read_weight_shapes(candidate / ADAPTER_WEIGHTS)
+            return str(candidate)
+        except Exception:
+            continue
+    return None
+
+
+def _read_weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # reads the header only; checks it covers the whole file
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def saved_adapter_shapes(adapter_dir: str, key: str) -> Optional[dict[str, tuple[int, ...]]]:
+    """Tensor name -> shape of a saved adapter, or a clear error if its weights file is missing or damaged (a save that
+    was interrupted, a truncated copy). None for the legacy ``adapter_model.bin`` format (peft checks it)."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    earlier = None
+    if not path.is_file():
+        if (Path(adapter_dir) / "adapter_model.bin").is_file():
+            return None
+        earlier = _intact_earlier_checkpoint(adapter_dir)
+        raise MoeConfigError(key, adapter_dir, f"has no {ADAPTER_WEIGHTS}", _damage_fix(earlier))
+    try:
+        return _read_weight_shapes(path)
+    except Exception as exc:
+        earlier = _intact_earlier_checkpoint(adapter_dir)
+        raise MoeConfigError(key, adapter_dir, f"has a damaged {path} ({type(exc).__name__}: {exc})",
+                             _damage_fix(earlier)) from None
+
+
+def _damage_fix(earlier: Optional[str]) -> str:
+    if earlier:
+        return f"the save was probably interrupted; use the intact `{earlier}` (or delete the damaged checkpoint)"
+    return "re-save the adapter, or point to another checkpoint"
+
+
+def check_adapter_fits(model, adapter_dir: str, saved: dict[str, tuple[int, ...]], key: str) -> None:
+    """Compare the saved adapter tensors with the ones the wrapped model holds: same names, same shapes.
+
+    ``model`` is the PeftModel, or the base model after peft injected the layers (its names lack ``base_model.model.``).
+    Under ZeRO-3 the full shape of a partitioned parameter is ``ds_shape``.
+    """
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    peft_type = peft_type_of(adapter_dir)
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) if peft_type else None
+    if not prefix:
+        return
+    from peft import PeftModel
+
+    lead = "" if isinstance(model, PeftModel) else "base_model.model."
+    expected = {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if prefix in name:
+            expected[lead + name.replace(".default", "")] = tuple(getattr(tensor, "ds_shape", tensor.shape))
+    saved = {k: v for k, v in saved.items() if prefix in k}
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    for name in sorted(set(saved) | set(expected)):
+        if name not in expected:
+            problem = f"{file} has `{name}`, which this model has no place for"
+        elif name not in saved:
+            problem = f"{file} lacks `{name}`, which this model needs"
+        elif saved[name] != expected[name]:
+            problem = f"{file} has `{name}` with shape {list(saved[name])}, this model needs {list(expected[name])}"
+        else:
+            continue
+        raise MoeConfigError(key, adapter_dir, f"does not fit this base model: {problem}",
+                             "load it on the base model it was trained on, with the adapter_config.json saved beside "
+                             "it (an adapter from another base model, or a config edited after training?)")
 
 
 def _packaged_data_dir() -> Path:
@@ -172,18 +262,38 @@ def _wrap_parse_train_args(original, module):
         config = finetuning_args.moe_peft_config
         if model_args.moe_aux_loss_coef is not None:
             check_float("moe_aux_loss_coef", model_args.moe_aux_loss_coef, minimum=0.0, method=method)
-            config.aux_loss_coef = float(model_args.moe_aux_loss_coef)
+            if "aux_loss_coef" in config.shared_fields:
+                config.aux_loss_coef = float(model_args.moe_aux_loss_coef)
+            else:  # still LLaMA-Factory's router-loss weight for MoE *base* models (ModelArguments.moe_aux_loss_coef)
+                from llamafactory.extras import logging
+
+                logging.get_logger("llamafactory_moe").warning_rank0(
+                    f"`moe_aux_loss_coef` is not used by `{method}` (it has no auxiliary loss); it only weights the "
+                    "router loss of a mixture-of-experts base model.")
         if model_args.quantization_bit is not None and config.modifies_base_weights:
             raise MoeConfigError("quantization_bit", model_args.quantization_bit,
                                  f"cannot be used with `{method}`, which corrects the frozen base weights",
                                  "train on an unquantized base model")
         _check_adapters_match(method, _adapter_paths(model_args), "adapter_name_or_path")
-        if training_args.resume_from_checkpoint and os.path.isdir(str(training_args.resume_from_checkpoint)):
-            _check_adapters_match(method, [str(training_args.resume_from_checkpoint)], "resume_from_checkpoint")
+        resume = training_args.resume_from_checkpoint or _auto_resume_checkpoint(training_args)
+        if resume and os.path.isdir(str(resume)):
+            _check_adapters_match(method, [str(resume)], "resume_from_checkpoint")
         _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), method)
         return parsed
 
     return _parse_train_args
+
+
+def _auto_resume_checkpoint(training_args) -> Optional[str]:
+    """The checkpoint LLaMA-Factory will resume from on its own (hparams/parser.py: an existing output_dir without
+    `overwrite_output_dir`), so a damaged one is reported before the model loads."""
+    if training_args.resume_from_checkpoint is not None or not training_args.do_train:
+        return None
+    if not os.path.isdir(training_args.output_dir) or getattr(training_args, "overwrite_output_dir", False):
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(training_args.output_dir)
 
 
 def _force_non_reentrant_checkpointing(model_args, raw: dict, method: str) -> None:
@@ -270,8 +380,16 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
             raise MoeConfigError("adapter_name_or_path", paths,
                                  "lists several adapters; a llamafactory-moe adapter must be loaded alone")
         _check_adapters_match(getattr(finetuning_args, "moe_method", None), paths, "adapter_name_or_path")
-        model = PeftModel.from_pretrained(model, paths[0], is_trainable=is_trainable,
-                                          cache_dir=model_args.cache_dir, token=model_args.hf_hub_token)
+        saved = saved_adapter_shapes(paths[0], "adapter_name_or_path") if os.path.isdir(paths[0]) else None
+        try:
+            model = PeftModel.from_pretrained(model, paths[0], is_trainable=is_trainable,
+                                              cache_dir=model_args.cache_dir, token=model_args.hf_hub_token)
+        except RuntimeError as exc:  # torch's "size mismatch for ..." while loading: name the file and the key
+            if saved is not None:
+                check_adapter_fits(model, paths[0], saved, "adapter_name_or_path")
+            raise exc
+        if saved is not None:
+            check_adapter_fits(model, paths[0], saved, "adapter_name_or_path")
         peft_config = model.peft_config["default"]
         logger.info_rank0(f"Loaded {peft_config.method_name} adapter from {paths[0]} (unmerged).")
         if not is_trainable and model_args.export_dir is not None and peft_config.supports_merge:
