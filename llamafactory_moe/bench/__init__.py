@@ -12,6 +12,10 @@ Modules: ``cases`` (the per-method benchmark configs and targets), ``measure`` (
 ``workloads`` (models and the timed closures), ``runner`` (one run), ``report`` (ratios, markdown, JSON).
 """
 
+# peft first: importing it runs the project's import hook, which registers the methods, which import core. Importing
+# core first (as `workloads` does) would start that hook while core is half-initialised.
+import peft  # noqa: F401,I001
+
 from .cases import BENCH_CASES, BenchCase, Targets
 from .runner import Settings, run
 

@@ -126,13 +126,13 @@ def _comparison_table(result: dict, key: str, title: str) -> list[str]:
 def _context_table(result: dict) -> list[str]:
     experts = result["settings"]["ops_experts"]
     lines = ["### Absolute numbers (context only: a noisy shared machine)", "",
-             "| variant | trainable params | train step ms (median) | layer fwd+bwd ms | peak memory MB | "
+             "| variant | trainable params | train step ms median (min) | layer fwd+bwd ms median (min) | peak memory MB | "
              f"generate tok/s | aten ops (E={experts[0]} / E={experts[1]}) |",
              "|---|---|---|---|---|---|---|"]
     for label, v in result["variants"].items():
         def ms(key):
             m = _median_of(v, key)
-            return "n/a" if m is None else f"{1000 * m:.1f}"
+            return "n/a" if m is None else f"{1000 * m:.1f} ({1000 * min(v[key]):.1f})"
         gen = _median_of(v, "generate_s")
         tok_s = "n/a" if gen is None else f"{v['generate_tokens'] / gen:.1f}"
         peak = v.get("peak_bytes")
@@ -154,7 +154,8 @@ def to_markdown(result: dict, header: str = "") -> str:
         f"{m['torch_threads']} torch thread(s).",
         f"Machine: nproc {m['nproc']}, CPU {m['cpu_model']}, torch {m['torch']}, transformers "
         f"{m.get('transformers')}, peft {m.get('peft')}, Python {m['python']}"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".",
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + (f"; load average at start {m['load_average_at_start']}" if "load_average_at_start" in m else "") + ".",
         f"Training step: batch {s['batch_size']} x seq {s['seq_len']}, forward + aux loss + backward + AdamW step, "
         f"median of {s['train_reps']} interleaved steps after {s['train_warmup']} untimed step(s) per variant "
         "(the first of them measures peak memory).",
@@ -190,6 +191,12 @@ def to_markdown(result: dict, header: str = "") -> str:
         lines += ["", "### Notes", ""] + notes
     lines += ["", f"Wall time of the run: {result['wall_time_s']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def render_saved(json_path: str) -> str:
+    """Re-render the markdown of a saved run (same data, e.g. after a report-format change)."""
+    result = analyse(json.loads(Path(json_path).read_text(encoding="utf-8")))
+    return to_markdown(result, header=f"## llamafactory-moe benchmark\n\nCommand: `{result.get('command', '?')}`")
 
 
 def write(result: dict, markdown: str, md_path: Optional[str], json_path: Optional[str]) -> None:

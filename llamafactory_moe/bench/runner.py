@@ -78,6 +78,8 @@ def machine_info(device: torch.device) -> dict:
         pass
     info = {"nproc": os.cpu_count(), "cpu_model": cpu_model, "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device), "torch_threads": torch.get_num_threads()}
+    if hasattr(os, "getloadavg"):  # other jobs on the machine: the first thing to check when ratios look odd
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     try:
         import peft
         import transformers
