@@ -119,7 +119,8 @@ def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> 
             continue  # a hub id or a missing dir: LLaMA-Factory / peft report it
         peft_type = peft_type_of(path)
         if peft_type is None:
-            raise MoeConfigError(key, path, "has no adapter_config.json",
+            earlier = _intact_earlier_checkpoint(path)  # a save killed before peft wrote its config
+            raise MoeConfigError(key, path, "has no adapter_config.json", _damage_fix(earlier) if earlier else
                                  "point to a directory written by `save_pretrained` / a `checkpoint-N` folder")
         theirs = our_method_of(path)
         if method is not None and theirs != method:
@@ -143,8 +144,9 @@ def _intact_earlier_checkpoint(adapter_dir: str) -> Optional[str]:
                       if (m := _CHECKPOINT_RE.match(p.name)) and int(m.group(1)) < int(match.group(1))), reverse=True)
     for _, candidate in earlier:
         try:
-            _read_weight_shapes(candidate / ADAPTER_WEIGHTS)
-            return str(candidate)
+            if peft_type_of(str(candidate)) is not None:
+                _read_weight_shapes(candidate / ADAPTER_WEIGHTS)
+                return str(candidate)
         except Exception:
             continue
     return None
