@@ -153,7 +153,7 @@ def test_llamafactory_cli_train_with_deepspeed(stage, case_id, tiny_model, tiny_
 def test_torchrun_two_processes_match_one_process_for_every_method(tiny_model, tiny_data, tmp_path):
     """Same global batch (2 ranks x 2 = 1 x 4), no shuffling, aux losses off: per-rank balance losses are computed on
     each rank's half batch, so with them on the two runs differ by design (a mean of per-rank balance losses is not
-    the balance loss of the whole batch)."""
+    the balance loss of the whole batch). CI: one case per method; the full matrix: every case."""
     cases = _cases(one_per_method=not FULL_MATRIX)
     common = dict(disable_shuffling=True, max_steps=3, moe_aux_loss_coef=0.0)
     single = [_args(tiny_model, tiny_data, tmp_path / "single" / c, m, k, per_device_train_batch_size=4, **common)
@@ -168,8 +168,12 @@ def test_torchrun_two_processes_match_one_process_for_every_method(tiny_model, t
         assert json.loads((Path(two["output_dir"]) / "probe_rank1.json").read_text())["world_size"] == 2
         losses_1, losses_2 = _losses(Path(one["output_dir"])), _losses(Path(two["output_dir"]))
         assert len(losses_1) == len(losses_2) == 3, case_id
+        # Noisy top-k gating samples Gaussian noise per token while training: 2 ranks draw other numbers than 1
+        # process, so those runs agree only loosely (a config value, as configs have no "stochastic routing" flag).
+        kwargs = next(c[2] for c in METHOD_CASES if c[0] == case_id)
+        tolerance = 1e-2 if kwargs.get("gate_type") == "noisy_topk" else 1e-4
         for a, b in zip(losses_1, losses_2):
-            assert abs(a - b) < 1e-4, (case_id, losses_1, losses_2)
+            assert abs(a - b) < tolerance, (case_id, losses_1, losses_2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
