@@ -62,12 +62,34 @@ def register_method(name: str, config_cls: type, model_cls: type) -> None:
 METHODS_PACKAGE = "llamafactory_moe.methods"
 
 
+_registration_deferred = False
+
+
 def register_all_methods(_peft_module=None) -> None:
     """Import the methods package (each method file registers itself). Called by the startup hook once ``peft`` is
-    imported. Imported by name: core discovers methods like plugins and never depends on their code."""
-    import importlib
+    imported. Imported by name: core discovers methods like plugins and never depends on their code.
 
+    When ``peft`` is first imported *by* ``llamafactory_moe.core`` (a script that imports our core before peft), the
+    methods cannot be imported yet: they need the half-initialised core. Registration is then deferred to the last
+    line of ``core/__init__.py`` (``finish_deferred_registration``)."""
+    import importlib
+    import sys
+
+    global _registration_deferred
+    core = sys.modules.get("llamafactory_moe.core")
+    if core is not None and getattr(getattr(core, "__spec__", None), "_initializing", False):
+        _registration_deferred = True
+        return
     importlib.import_module(METHODS_PACKAGE)
+
+
+def finish_deferred_registration() -> None:
+    global _registration_deferred
+    if _registration_deferred:
+        import importlib
+
+        _registration_deferred = False
+        importlib.import_module(METHODS_PACKAGE)
 
 
 def public_classes() -> dict[str, type]:

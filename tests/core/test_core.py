@@ -109,3 +109,23 @@ def test_core_imports_no_method_or_integration():
                 for alias in node.names:
                     assert "llamafactory_moe.methods" not in alias.name, path.name
                     assert "llamafactory_moe.integrations" not in alias.name, path.name
+
+
+@pytest.mark.parametrize("first_import", [
+    "import peft",
+    "import llamafactory_moe.core.layer",          # core pulls peft in while core itself is half-initialised
+    "import llamafactory_moe.methods.smora",       # a method file first
+    "from llamafactory_moe import MoELoRAConfig",  # the lazy public classes
+])
+def test_methods_are_registered_whatever_is_imported_first(first_import):
+    import subprocess
+    import sys
+
+    script = (f"{first_import}\nimport peft\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+              "print(sorted(k.value.lower() for k in M if k.value.lower() in "
+              "('moelora','smora','smore','d2mora','goat','adamole','hydralora','moslora')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == str(sorted(["adamole", "d2mora", "goat", "hydralora", "moelora", "moslora",
+                                              "smora", "smore"])), proc.stdout
