@@ -82,7 +82,7 @@ def test_identity_at_init_when_flagged(case_id, method, kwargs, lf_keys):
 
 @pytest.mark.parametrize("case_id, method, kwargs, lf_keys", CASES)
 def test_save_load_round_trip_is_bit_exact(case_id, method, kwargs, lf_keys, tmp_path):
-    model = make_peft(method, kwargs)
+    model = make_peft(method, kwargs).eval()  # rows with expert dropout would otherwise draw masks
     randomise_adapters(model)
     ids, mask = batch()
     with torch.no_grad():
@@ -105,8 +105,6 @@ def test_disable_adapter_equals_base_model(case_id, method, kwargs, lf_keys):
         with model.disable_adapter():
             disabled = model(input_ids=ids, attention_mask=mask).logits
         base = reference(input_ids=ids, attention_mask=mask).logits
-    if METHODS[method].config_cls.modifies_base_weights:
-        pytest.skip(f"{method} corrects the base weights; disable_adapter gives the corrected base")
     torch.testing.assert_close(disabled, base, atol=1e-6, rtol=1e-6)
 
 

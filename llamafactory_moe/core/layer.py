@@ -53,6 +53,9 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         self.in_features, self.out_features = in_features, out_features
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        # A new nn.Module starts in training mode; follow the wrapped layer, so wrapping an eval-mode model does not
+        # switch on expert dropout or a noisy gate's noise (peft's LoRA layers get this from the model's mode later).
+        self.train(base_layer.training)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -222,12 +222,6 @@ class SMoRELayer(MoeLoraLayer):
     adapter_layer_names = ("smore_experts", "smore_router")
     module_dict_names = ("smore_experts", "smore_router")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SMoREConfig, **kwargs) -> None:
-        super().__init__(base_layer, adapter_name, config, **kwargs)
-        # A new nn.Module starts in training mode; follow the wrapped layer so that wrapping an eval-mode model does
-        # not switch on the noisy gate's noise.
-        self.train(base_layer.training)
-
     def create_adapter(self, adapter_name: str, config: SMoREConfig) -> None:
         d, num_layers = config.hidden_dims, config.num_layers
         experts = nn.ParameterDict()
