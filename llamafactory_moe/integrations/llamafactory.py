@@ -33,7 +33,8 @@ ROUTING_METRICS = ("moe_load_cv", "moe_router_entropy", "moe_inactive_expert_fra
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors: a user mistake prints one line, not a traceback.
 # ---------------------------------------------------------------------------------------------------------------------
-def install_error_display() -> None:
+def install_process_hooks() -> None:
+    """Once per process: print MoeConfigError as one line (no traceback) and route our INFO logs like LLaMA-Factory's."""
     if getattr(sys.excepthook, "_llamafactory_moe", False):
         return
     previous = sys.excepthook
@@ -46,6 +47,27 @@ def install_error_display() -> None:
 
     excepthook._llamafactory_moe = True
     sys.excepthook = excepthook
+    _share_llamafactory_log_handler()
+
+
+def _share_llamafactory_log_handler() -> None:
+    """Print our ``llamafactory_moe.*`` INFO logs (adapter created/loaded, GOAT's SVD time) the way LLaMA-Factory
+    prints its own: its handler sits on the ``llamafactory`` logger only, so ours would fall through to Python's
+    last-resort handler, which drops INFO."""
+    import logging as std_logging
+
+    try:
+        from llamafactory.extras import logging as lf_logging
+
+        library_logger = lf_logging.get_logger()  # configures LLaMA-Factory's handler and level
+        handler = getattr(lf_logging, "_default_handler", None)
+    except Exception:  # an upstream change only costs us INFO lines
+        return
+    ours = std_logging.getLogger("llamafactory_moe")
+    if handler is not None and handler not in ours.handlers:
+        ours.addHandler(handler)
+        ours.setLevel(library_logger.getEffectiveLevel())
+        ours.propagate = False
 
 
 def peft_type_of(adapter_dir: str) -> Optional[str]:

@@ -77,11 +77,11 @@ def apply_patch(row: Patch, module) -> bool:
 def on_module_imported(module) -> None:
     """Startup-hook entry point: apply every row that targets ``module``."""
     try:
-        from .llamafactory import PATCHES, install_error_display
+        from .llamafactory import PATCHES, install_process_hooks
     except Exception as exc:
         _warn(f"could not load the LLaMA-Factory integration ({type(exc).__name__}: {exc}); stock behaviour unchanged")
         return
-    install_error_display()
+    install_process_hooks()
     for row in PATCHES:
         if row.module == module.__name__:
             apply_patch(row, module)
