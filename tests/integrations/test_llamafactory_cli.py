@@ -27,13 +27,15 @@ def trained(tiny_model, tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     out = work / "out"
     cfg = train_args(tiny_model, tiny_data, str(out), save_steps=2, plot_loss=True)
-    proc = run_cli(["llamafactory-cli", "train"], cfg, work)
+    proc = run_cli(["llamafactory-cli", "train"], cfg, work, env={"LLAMAFACTORY_VERBOSITY": "INFO"})
     _assert_ok(proc)
+    (work / "train_stdout.txt").write_text(proc.stdout + proc.stderr)
     return out, cfg, work
 
 
 def test_train_writes_peft_checkpoint_and_aux_logs(trained):
-    out, _, _ = trained
+    out, _, work = trained
+    assert "Created a moelora adapter on" in (work / "train_stdout.txt").read_text()  # our INFO logs are printed
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "MOELORA"
     assert adapter_config["num_experts"] == 4 and adapter_config["top_k"] == 2
