@@ -269,6 +269,17 @@ def _expand_user_paths(model_args) -> None:
                                            for p in model_args.adapter_name_or_path]
 
 
+def _reject_ignored_lora_keys(method: str, config, raw_args: dict) -> None:
+    """A LoRA key the user wrote that this method does not read (S'MoRE sizes experts per layer) is an error, not a
+    silent no-op: the run would otherwise train a differently sized adapter than the yaml says."""
+    for lf_key, field_name in (("lora_rank", "expert_rank"), ("lora_alpha", "lora_alpha")):
+        if raw_args.get(lf_key) is not None and field_name not in config.shared_fields:
+            replacements = [f"moe_{name}" for name in config.own_field_names() if field_name.split("_")[-1] in name]
+            raise MoeConfigError(lf_key, raw_args[lf_key], f"is not used by `{method}`",
+                                 f"remove it (`{method}` sets this with {', '.join(f'`{k}`' for k in replacements)})"
+                                 if replacements else "remove it")
+
+
 def _wrap_parse_train_args(original, module):
     def _parse_train_args(args=None):
         parsed = original(args)
@@ -284,6 +295,7 @@ def _wrap_parse_train_args(original, module):
             return parsed
         _require_patches()
         config = finetuning_args.moe_peft_config
+        _reject_ignored_lora_keys(method, config, _raw_args(module, args))
         if model_args.moe_aux_loss_coef is not None:
             check_float("moe_aux_loss_coef", model_args.moe_aux_loss_coef, minimum=0.0, method=method)
             if "aux_loss_coef" in config.shared_fields:

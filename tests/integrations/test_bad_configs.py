@@ -71,6 +71,10 @@ BAD_CONFIGS = [
      "moe_bias_update_rate", "must be >="),
     ("smore-layer-list-lengths", dict(finetuning_type="smore", moe_layer_num_experts=[4], moe_layer_top_k=[2, 2],
                                       moe_layer_ranks=[8, 8]), "moe_layer_top_k", "has 2 entries"),
+    ("smore-ignores-lora-rank", dict(finetuning_type="smore", lora_rank=16),
+     "lora_rank", "is not used by `smore`; remove it (`smore` sets this with `moe_layer_ranks`)"),
+    ("smore-ignores-lora-alpha", dict(finetuning_type="smore", lora_rank=None, lora_alpha=32), "lora_alpha",
+     "`moe_layer_lora_alpha`"),
     ("smore-gate-type-choice", dict(finetuning_type="smore", moe_gate_type="bogus"), "moe_gate_type",
      "must be one of 'switch', 'noisy_topk', 'dense'"),
     ("other-methods-key", dict(finetuning_type="moelora", moe_scaling_mode="alpha"), "moe_scaling_mode",
@@ -126,7 +130,7 @@ def test_invalid_config_rejected_while_parsing(case_id, overrides, key, words, a
     if method in ALL_METHODS and method not in IMPLEMENTED:
         pytest.skip(f"{method} is not implemented yet")
 
-    args = {**BASE, **_materialise(overrides, adapter_dirs)}
+    args = {k: v for k, v in {**BASE, **_materialise(overrides, adapter_dirs)}.items() if v is not None}
     with pytest.raises(MoeConfigError) as info:
         get_train_args(args)
     message = str(info.value)

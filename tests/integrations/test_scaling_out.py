@@ -46,7 +46,7 @@ def _cases(one_per_method: bool) -> list[tuple[str, str, dict]]:
 
 def _args(model: str, data: str, out: Path, method: str, lf_keys: dict, **overrides) -> dict:
     return train_args(model, data, str(out), **{"finetuning_type": method, "moe_num_experts": None,
-                                                "moe_top_k": None, **overrides, **lf_keys})
+                                                "moe_top_k": None, "lora_rank": None, **overrides, **lf_keys})
 
 
 def _free_port() -> str:

@@ -69,7 +69,7 @@ def _stage_args(stage: str, method: str, lf_keys: dict, model: str, data: str, o
     dataset = {"pt": "c4_demo", "sft": "alpaca_en_demo", "dpo": "dpo_en_demo", "kto": "kto_tiny",
                "rm": "dpo_en_demo"}[stage]
     return train_args(model, data, out, **{
-        "stage": stage, "dataset": dataset, "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None,
+        "stage": stage, "dataset": dataset, "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None,
         "max_samples": 16, "per_device_train_batch_size": 2, "max_steps": 2, "cutoff_len": 64, "save_steps": 2,
         **lf_keys})
 
