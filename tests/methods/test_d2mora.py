@@ -1,24 +1,18 @@
 """D2MoRA (llamafactory_moe/methods/d2mora.py) against the paper's equations written as per-token, per-pair loops."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
 from peft import get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
 from llamafactory_moe.core import MoeConfigError, aux_loss
 from llamafactory_moe.methods.d2mora import D2MoRAConfig, D2MoRALayer
+from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
 IN, OUT = 24, 20
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARAM_NAMES = ("d2mora_A", "d2mora_B", "d2mora_router_down", "d2mora_router_up")
 
 
@@ -35,13 +29,6 @@ def make_layer(seed=0, in_features=IN, out_features=OUT, **kwargs):
     torch.manual_seed(seed)
     model = get_peft_model(Tiny(in_features, out_features), D2MoRAConfig(target_modules=["proj"], **kwargs))
     return model, model.base_model.model.proj
-
-
-def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def batch_with_padding(seed=1):
@@ -285,24 +272,6 @@ def test_disable_adapter_equals_base_model():
             assert torch.equal(peft_model(ids).logits, base)
 
 
-LOAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    import llamafactory_moe
-    from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-    model = PeftModel.from_pretrained(model, sys.argv[1])
-    saved = torch.load(sys.argv[1] + "/expected.pt")
-    with torch.no_grad():
-        logits = model(saved["ids"]).logits
-    assert torch.equal(logits, saved["logits"]), (logits - saved["logits"]).abs().max()
-    print("BIT-EXACT")
-""")
-
-
 def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     peft_model = get_peft_model(tiny_llama(), D2MoRAConfig(target_modules=["q_proj", "k_proj", "v_proj"],
                                                            num_down_experts=3, num_experts=2, expert_rank=2,
@@ -311,39 +280,15 @@ def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     with torch.no_grad():
         logits = peft_model(ids).logits
     peft_model.save_pretrained(tmp_path)
-    torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
     saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved_config["peft_type"] == "D2MORA"
     assert (saved_config["num_down_experts"], saved_config["num_experts"]) == (3, 2)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "BIT-EXACT" in result.stdout
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    assert_reloads_bit_exact_in_fresh_process(tmp_path, ids, logits)
 
 
 def count_ops(num_experts: int, **kwargs) -> int:
-    torch.manual_seed(0)
-    config = D2MoRAConfig(target_modules=["0"], num_down_experts=num_experts, num_experts=num_experts, expert_rank=2,
-                          init_weights=False, **kwargs)
-    layer = get_peft_model(nn.Sequential(nn.Linear(64, 64)), config).base_model.model[0]
-    x = torch.randn(3, 5, 64, requires_grad=True)
-    layer.train()
-    with OpCounter() as counter:
-        with aux_loss.collect() as window:
-            out = layer(x)
-        (out.sum() + window.weighted_total()).backward()
-    return counter.count
+    return count_train_ops(D2MoRAConfig(target_modules=["0"], num_down_experts=num_experts, num_experts=num_experts,
+                                        expert_rank=2, init_weights=False, **kwargs))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(expert_dropout=0.1, per_expert_dropout=True)],

@@ -2,10 +2,6 @@
 loss-free balancing schedule (once per optimizer step, padding-free, checkpoint-safe, identical on every rank)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,16 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
 from llamafactory_moe.core import MoeConfigError, aux_loss
 from llamafactory_moe.core.step_hooks import apply_optimizer_step_updates
 from llamafactory_moe.methods.smora import SMoRAConfig, SMoRALayer
+from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
 IN, OUT = 24, 20
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -47,13 +41,6 @@ def randomise_bias(layer: SMoRALayer, seed=3, scale=0.3) -> None:
     with torch.no_grad():
         bias = layer.rank_bias("default")
         bias.copy_(torch.randn(bias.shape, generator=g) * scale)
-
-
-def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def batch_with_padding(seed=1):
@@ -284,23 +271,6 @@ def test_disable_adapter_equals_base_model():
     torch.testing.assert_close(disabled, base, atol=1e-6, rtol=1e-6)
 
 
-LOAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    import llamafactory_moe
-    from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    model = PeftModel.from_pretrained(LlamaForCausalLM(config), sys.argv[1]).eval()
-    saved = torch.load(sys.argv[1] + "/expected.pt")
-    with torch.no_grad():
-        logits = model(saved["ids"]).logits
-    assert torch.equal(logits, saved["logits"]), (logits - saved["logits"]).abs().max()
-    print("BIT-EXACT")
-""")
-
-
 def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     model = get_peft_model(tiny_llama(), SMoRAConfig(target_modules=TARGETS, expert_rank=8, top_k=2,
                                                      rank_partition=2, gate_uses_bias=True))
@@ -313,40 +283,15 @@ def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     model.save_pretrained(tmp_path)
-    torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
     keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert {k.rsplit(".", 1)[-1] for k in keys} == {"smora_A", "smora_B", "smora_router", "smora_bias"}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SMORA"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "BIT-EXACT" in result.stdout
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    assert_reloads_bit_exact_in_fresh_process(tmp_path, ids, logits)
 
 
 def count_ops(num_rank_experts: int) -> int:
-    torch.manual_seed(0)
-    config = SMoRAConfig(target_modules=["0"], expert_rank=num_rank_experts, top_k=2, init_weights=False)
-    model = get_peft_model(nn.Sequential(nn.Linear(64, 64)), config)
-    x = torch.randn(3, 5, 64, requires_grad=True)
-    _, mask = batch_with_padding()
-    model.train()
-    with OpCounter() as counter:
-        with aux_loss.collect(token_mask=mask):
-            out = model(x)
-        out.sum().backward()
-        apply_optimizer_step_updates(model)
-    return counter.count
+    return count_train_ops(SMoRAConfig(target_modules=["0"], expert_rank=num_rank_experts, top_k=2,
+                                       init_weights=False))
 
 
 def test_op_count_does_not_depend_on_the_number_of_rank_experts():

@@ -2,25 +2,20 @@
 
 import itertools
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft import get_peft_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
 from llamafactory_moe.core import MoeConfigError, aux_loss
 from llamafactory_moe.methods.smore import SMoREConfig, SMoRELayer
+from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
 IN, OUT = 10, 7
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GATES = ("switch", "noisy_topk", "dense")
 POSITIONS = ("all", "child_v2", "child")
 INITS = ("w_final_zero", "eq_1_layer", "normal", "b_zero", "bw_zero")
@@ -379,13 +374,6 @@ def test_llamafactory_keys_map_and_mismatch_names_both_yaml_keys():
     assert "`moe_layer_top_k`" in str(info.value) and "`moe_layer_num_experts`" in str(info.value), str(info.value)
 
 
-def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    return LlamaForCausalLM(config).to(dtype)
-
-
 def tiny_qwen2():
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -436,24 +424,6 @@ def test_disable_adapter_equals_base_model():
             assert torch.equal(model(ids).logits, base)
 
 
-LOAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
-    import llamafactory_moe
-    from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-    model = PeftModel.from_pretrained(model, sys.argv[1]).eval()
-    saved = torch.load(sys.argv[1] + "/expected.pt")
-    with torch.no_grad():
-        logits = model(saved["ids"]).logits
-    assert torch.equal(logits, saved["logits"]), (logits - saved["logits"]).abs().max()
-    print("BIT-EXACT")
-""")
-
-
 def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     config = SMoREConfig(target_modules=TARGETS, gate_type="noisy_topk", expert_act_fn="prelu|0.2",
                          gate_act_fn="prelu", shared_expert_pool=True, layer_lora_alpha=[16.0], init_weights=False)
@@ -466,39 +436,15 @@ def test_save_and_load_in_fresh_process_is_bit_exact(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     model.save_pretrained(tmp_path)
-    torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "SMORE" and saved["layer_num_experts"] == [4, 4]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "BIT-EXACT" in result.stdout
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    assert_reloads_bit_exact_in_fresh_process(tmp_path, ids, logits)
 
 
 def count_ops(num_experts: int, gate: str, shared: bool) -> int:
-    torch.manual_seed(0)
-    config = SMoREConfig(target_modules=["0"], gate_type=gate, layer_num_experts=[num_experts] * 2,
-                         layer_top_k=[2, 2], layer_ranks=[2, 2], shared_expert_pool=shared, init_weights=False)
-    layer = get_peft_model(nn.Sequential(nn.Linear(64, 64)), config).base_model.model[0]
-    x = torch.randn(2, 4, 64, requires_grad=True)
-    _, mask = batch_with_padding()
-    layer.train()
-    with OpCounter() as counter:
-        with aux_loss.collect(token_mask=mask) as window:
-            out = layer(x)
-        (out.sum() + (window.weighted_total() if window.terms else 0)).backward()
-    return counter.count
+    return count_train_ops(SMoREConfig(target_modules=["0"], gate_type=gate, layer_num_experts=[num_experts] * 2,
+                                       layer_top_k=[2, 2], layer_ranks=[2, 2], shared_expert_pool=shared,
+                                       init_weights=False), batch=(2, 4))
 
 
 @pytest.mark.parametrize("gate, shared", [(g, False) for g in GATES] + [("switch", True)])
