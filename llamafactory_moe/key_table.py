@@ -10,15 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Shared config field -> (yaml key, LLaMA-Factory's default when the key is absent, or None if the method decides).
-SHARED_KEYS = {
-    "expert_rank": ("lora_rank", 8),
-    "lora_alpha": ("lora_alpha", None),
-    "expert_dropout": ("lora_dropout", 0.0),
-    "num_experts": ("moe_num_experts", None),
-    "top_k": ("moe_top_k", None),
-    "aux_loss_coef": ("moe_aux_loss_coef", None),
-}
+# Shared fields read from LLaMA-Factory's own LoRA keys take LLaMA-Factory's default; the others the method's.
+LLAMAFACTORY_DEFAULTS = {"expert_rank": 8, "expert_dropout": 0.0}
+TABLE_ORDER = ("expert_rank", "lora_alpha", "expert_dropout", "num_experts", "top_k", "aux_loss_coef")
 SHARED_MEANING = {
     "expert_rank": "rank of one expert (SMoRA: the total rank, every rank an expert; MoSLoRA: the LoRA rank)",
     "lora_alpha": "LoRA alpha; default 2 x `lora_rank` (LLaMA-Factory's); how it scales is per method (method docs)",
@@ -58,7 +52,10 @@ def rows() -> list[tuple[str, str, str, str]]:
     specs = [METHODS[name] for name in IMPLEMENTED]
     table = [("finetuning_type", "all", "—", "the method: " + ", ".join(f"`{s.name}`" for s in specs)),
              ("lora_target", "all", "—", "modules to wrap (LLaMA-Factory's key; `all` = every linear layer)")]
-    for field_name, (key, lf_default) in SHARED_KEYS.items():
+    from .core.config import SHARED_FIELD_TO_LF_KEY
+
+    for field_name in TABLE_ORDER:
+        key, lf_default = SHARED_FIELD_TO_LF_KEY[field_name], LLAMAFACTORY_DEFAULTS.get(field_name)
         users = [s for s in specs if field_name in s.config_cls.shared_fields]
         if field_name == "aux_loss_coef":
             users = [s for s in users if s.config_cls.aux_loss_terms]

@@ -34,3 +34,10 @@ def test_setup_commands_exist():
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert f"bash {script}" in README and (REPO / script).is_file()
     assert "exec bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_key_table_lists_every_shared_field():
+    from llamafactory_moe.core.config import SHARED_FIELD_TO_LF_KEY
+    from llamafactory_moe.key_table import TABLE_ORDER
+
+    assert sorted(TABLE_ORDER) == sorted(SHARED_FIELD_TO_LF_KEY)

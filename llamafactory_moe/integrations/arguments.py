@@ -19,24 +19,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..core.config import MoeLoraConfig
+from ..core.config import SHARED_FIELD_TO_LF_KEY, MoeLoraConfig
 from ..core.errors import MoeConfigError
 from ..core.peft_types import METHODS, register_all_methods
 
 STOCK_FINETUNING_TYPES = ("lora", "oft", "freeze", "full")
 SUPPORTED_STAGES = ("pt", "sft", "dpo", "kto", "rm")
 
-# Shared config field -> the LLaMA-Factory key a user writes (for error messages and mapping).
-LF_KEY_FOR_FIELD = {
-    "num_experts": "moe_num_experts",
-    "top_k": "moe_top_k",
-    "expert_rank": "lora_rank",
-    "lora_alpha": "lora_alpha",
-    "expert_dropout": "lora_dropout",
-    "aux_loss_coef": "moe_aux_loss_coef",
-    "target_modules": "lora_target",
-    "modules_to_save": "additional_target",
-}
+# Config field -> the LLaMA-Factory key a user writes (for error messages and mapping).
+LF_KEY_FOR_FIELD = {**SHARED_FIELD_TO_LF_KEY, "target_modules": "lora_target", "modules_to_save": "additional_target"}
 # LLaMA-Factory LoRA options that have no meaning for a mixture of experts.
 CONFLICTING_LORA_OPTIONS = {
     "use_dora": False, "use_rslora": False, "pissa_init": False, "pissa_convert": False, "loraplus_lr_ratio": None,
