@@ -126,7 +126,8 @@ def test_bf16_and_fp16_training_for_every_method(tiny_model, tiny_data, tmp_path
     for case_id, method, lf_keys in _one_case_per_method():
         for precision, extra in (("bf16", dict(bf16=True, use_cpu=True)), ("fp16", dict(fp16=True))):
             runs.append(train_args(tiny_model, tiny_data, str(tmp_path / f"{case_id}-{precision}"), **{
-                "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "max_steps": 2, **extra,
+                "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None, "max_steps": 2,
+                **extra,
                 **lf_keys}))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"runs": runs}))
