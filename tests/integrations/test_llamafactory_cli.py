@@ -142,6 +142,32 @@ def test_export_of_routed_adapter_refuses_before_loading(trained, tiny_model, tm
     assert not (tmp_path / "exported").exists()
 
 
+def test_export_merges_moslora_and_matches_the_unmerged_adapter(tiny_model, tiny_data, tmp_path):
+    """MoSLoRA has no router, so `llamafactory-cli export` folds B·W_mix·A into the base weights: the exported plain
+    model gives the logits of base + adapter run unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "moslora"
+    _assert_ok(run_cli(["llamafactory-cli", "train"],
+                       train_args(tiny_model, tiny_data, str(out), finetuning_type="moslora", moe_num_experts=None,
+                                  moe_top_k=None, max_steps=3, learning_rate=1e-2), tmp_path))
+    exported = tmp_path / "exported"
+    _assert_ok(run_cli(["llamafactory-cli", "export"],
+                       dict(model_name_or_path=tiny_model, adapter_name_or_path=str(out), template="llama3",
+                            finetuning_type="moslora", export_dir=str(exported), infer_dtype="float32"), tmp_path))
+    assert not (exported / "adapter_config.json").exists()
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+        base_logits = base(ids).logits
+        unmerged = PeftModel.from_pretrained(base, str(out)).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()(ids).logits
+    assert (unmerged - base_logits).abs().max() > 1e-4  # the trained adapter changes the output
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
 def test_vllm_backend_refused(trained, tiny_model):
     from llamafactory.hparams import get_infer_args
 
