@@ -62,6 +62,31 @@ def test_op_count_does_not_grow_with_experts(tiny_run):
     result, _ = tiny_run
     e_small, e_large = result["settings"]["ops_experts"]
     for case in result["cases"]:
-        ops = result["variants"][case["label"]]["ops"]
-        if case["experts_fields"]:
-            assert ops[str(e_small)] == ops[str(e_large)], (case["label"], ops)
+        for key in ("ops", "kernel_ops"):
+            ops = result["variants"][case["label"]][key]
+            if case["experts_fields"]:
+                assert ops[str(e_small)] == ops[str(e_large)], (case["label"], key, ops)
+
+
+def test_every_method_is_free_of_host_syncs(tiny_run):
+    result, _ = tiny_run
+    for case in result["cases"]:
+        assert result["variants"][case["label"]]["host_syncs"] == {}, case["label"]
+
+
+def test_kernel_ops_exclude_exactly_the_views():
+    import torch
+
+    from llamafactory_moe.bench.measure import AtenOpCounter, is_view_op
+
+    aten = torch.ops.aten
+    for op in (aten.view.default, aten.t.default, aten.expand.default, aten.detach.default, aten.slice.Tensor,
+               aten._unsafe_view.default):
+        assert is_view_op(op), op
+    for op in (aten.mm.default, aten.mul.Tensor, aten.add_.Tensor, aten.scatter_.value, aten._to_copy.default,
+               aten.clone.default):
+        assert not is_view_op(op), op
+    a = torch.randn(3, 4)
+    with AtenOpCounter() as counter:  # t, unsqueeze, expand, detach: views; mul, add_: kernels
+        (a.t().unsqueeze(0).expand(2, 4, 3) * 2).detach().add_(1)
+    assert counter.total == 6 and counter.kernels == 2, counter.counts

@@ -64,21 +64,39 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique
                       "unique_consecutive", "unique_dim", "repeat_interleave"})
 
 
+# Ops that return a new tensor header on the input's storage without an `alias_info` in their schema, so `is_view` misses
+# them: `_unsafe_view` is `view` for outputs autograd need not track as aliases (what `reshape` of a fresh tensor emits).
+_UNTRACKED_VIEWS = frozenset({"_unsafe_view", "_reshape_alias"})
+
+
+def is_view_op(func) -> bool:
+    """True for metadata-only ops (view, t, expand, detach, slice, ...): no kernel runs, no memory is touched.
+
+    The schema says it: a view op returns an alias of an input that it does not write (``Tensor(a)``), which
+    ``OpOverload.is_view`` reads; in-place ops (``Tensor(a!)``) write, so they stay kernels.
+    """
+    return bool(func.is_view) or func.overloadpacket.__name__ in _UNTRACKED_VIEWS
+
+
 class AtenOpCounter(TorchDispatchMode):
     """Counts every aten operator dispatched while active (forward and the autograd backward alike).
 
-    Each counted op is one kernel launch or view on a GPU, so the count is a device-independent proxy for launch
-    overhead. Host-synchronising ops are collected separately in ``syncs``.
+    ``counts`` holds every op; ``kernel_counts`` only the ops that run a kernel (views and aliases such as ``t``,
+    ``view``, ``expand``, ``detach`` are excluded: on a GPU they launch nothing). The kernel count is the
+    device-independent proxy for launch overhead. Host-synchronising ops are collected separately in ``syncs``.
     """
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.kernel_counts: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         self.counts[name] += 1
+        if not is_view_op(func):
+            self.kernel_counts[name] += 1
         if name in SYNC_OPS:
             self.syncs[name] += 1
         elif name == "index" and _has_bool_index(args):
@@ -88,6 +106,10 @@ class AtenOpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.kernel_counts.values())
 
 
 def _has_bool_index(args) -> bool:

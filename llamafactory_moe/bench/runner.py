@@ -219,7 +219,9 @@ def run(settings: Settings) -> dict:
         errors.guard(label, "op count", count)
     for label, per_e in ops.items():
         variants[label]["ops"] = {str(e): c.total for e, c in per_e.items()}
+        variants[label]["kernel_ops"] = {str(e): c.kernels for e, c in per_e.items()}
         variants[label]["op_breakdown"] = {str(e): dict(c.counts.most_common()) for e, c in per_e.items()}
+        variants[label]["kernel_op_breakdown"] = {str(e): dict(c.kernel_counts.most_common()) for e, c in per_e.items()}
         variants[label]["host_syncs"] = dict(sum((c.syncs for c in per_e.values()), Counter()))
 
     settings_dict = asdict(settings)

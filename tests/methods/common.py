@@ -51,21 +51,26 @@ def assert_reloads_bit_exact_in_fresh_process(adapter_dir: Path, ids: torch.Tens
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched inside the ``with`` block (a device-independent proxy for kernel launches)."""
+    """Counts every aten op dispatched inside the ``with`` block, and separately the ops that run a kernel (views
+    and aliases excluded): a device-independent proxy for kernel launches."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.kernel_count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from llamafactory_moe.bench.measure import is_view_op
+
         self.count += 1
+        self.kernel_count += not is_view_op(func)
         return func(*args, **(kwargs or {}))
 
 
-def count_train_ops(config, batch: tuple[int, int] = (3, 5), features: int = 64) -> int:
-    """Aten ops of one training step of a single wrapped ``Linear(features, features)``: forward with a right-padded
-    batch, aux loss, backward and the per-optimizer-step update. Tests compare counts across expert counts: a Python
-    loop over experts would make them grow."""
+def count_train_ops(config, batch: tuple[int, int] = (3, 5), features: int = 64) -> tuple[int, int]:
+    """``(all aten ops, kernel ops)`` of one training step of a single wrapped ``Linear(features, features)``: forward
+    with a right-padded batch, aux loss, backward and the per-optimizer-step update. Tests compare counts across
+    expert counts: a Python loop over experts would make them grow."""
     from peft import get_peft_model
 
     from llamafactory_moe.core import aux_loss
@@ -83,4 +88,4 @@ def count_train_ops(config, batch: tuple[int, int] = (3, 5), features: int = 64)
         aux = window.weighted_total()
         (out.sum() + (aux if aux is not None else 0)).backward()
         apply_optimizer_step_updates(model)
-    return counter.count
+    return counter.count, counter.kernel_count
