@@ -111,6 +111,12 @@ def run_keys(_args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import main_from_args
+
+    return main_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamafactory-moe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=run_demo)
     keys = sub.add_parser("keys", help="print every yaml key llamafactory-moe reads (markdown table, from the code)")
     keys.set_defaults(func=run_keys)
+    compare = sub.add_parser("compare", help="train several methods on the same data with llamafactory-cli, evaluate "
+                                             "each with OpenCompass, write one table and a loss plot (resumable)")
+    compare.add_argument("preset", help="preset yaml, e.g. configs/compare/tiny.yaml (format: configs/compare/README.md)")
+    compare.add_argument("--output-dir", default=None,
+                         help="where runs and results go (default: the preset's output_dir, else saves/compare/<preset>)")
+    compare.add_argument("--runs", default=None, help="comma-separated subset of the preset's run names")
+    compare.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
+    compare.add_argument("--overlap-eval", action="store_true",
+                         help="evaluate each run while the next one trains (faster for tiny models; on real models "
+                              "both compete for the same cores)")
+    compare.set_defaults(func=run_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 
