@@ -32,6 +32,7 @@ class AuxLossWindow:
     def __init__(self, token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False):
         self._token_mask = token_mask
         self._flat_mask: Optional[torch.Tensor] = None
+        self._flat_weights: Optional[torch.Tensor] = None
         self.collect_routing = collect_routing
         # term -> list of (coef, value) with value a scalar tensor that keeps its graph
         self.terms: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
@@ -100,6 +101,28 @@ def record(term: str, value: torch.Tensor, coef: float) -> None:
 def token_mask(num_tokens: int) -> Optional[torch.Tensor]:
     """The current training batch's non-padding mask (also during checkpoint recomputation), or None."""
     return None if _batch_window is None else _batch_window.token_mask(num_tokens)
+
+
+def token_weights(mask: Optional[torch.Tensor], num_tokens: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``(N,)`` weights whose dot product with per-token values is their mean over real tokens: ``1/n_real`` for a
+    real token, 0 for padding (``mask`` None: ``1/N`` everywhere).
+
+    The weights of the current batch's own mask are computed once and reused by every layer (also during checkpoint
+    recomputation, which reads the same mask); a mask is data, never differentiated, so sharing the tensor is safe.
+    """
+    window = _batch_window
+    shared = window is not None and mask is not None and mask is window._flat_mask
+    if shared and window._flat_weights is not None and window._flat_weights.dtype == dtype:
+        return window._flat_weights
+    if mask is None:
+        weights = torch.full((num_tokens,), 1.0 / max(num_tokens, 1), dtype=dtype, device=device)
+    else:
+        weights = mask.to(dtype)
+        weights = weights / weights.sum().clamp_min(1.0)
+    if shared:
+        window._flat_weights = weights
+    return weights
 
 
 def wants_routing() -> bool:

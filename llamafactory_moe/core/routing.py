@@ -31,13 +31,18 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize
         selected = torch.ones_like(router_probs, dtype=torch.bool)
         return router_probs, router_probs, selected
     # A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified),
-    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does.
-    top_indices = torch.argsort(router_probs, dim=-1, descending=True, stable=True)[..., :top_k]
+    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does. Only the indices are
+    # used (the values are gathered below), so the sort needs no backward.
+    top_indices = torch.argsort(router_probs.detach(), dim=-1, descending=True, stable=True)[..., :top_k]
     selected = torch.zeros_like(router_probs, dtype=torch.bool).scatter_(-1, top_indices, True)
-    routing_weights = router_probs * selected
     if renormalize:
-        # Dividing the masked probabilities equals a softmax over the kept logits (Switch / Mixtral).
-        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        # The kept probabilities divided by their sum are a softmax over the kept logits (Switch / Mixtral); the
+        # softmax form is one op each way instead of a sum, a division and their backward.
+        top_weights = torch.softmax(router_logits.float().gather(-1, top_indices), dim=-1)
+    else:
+        top_weights = router_probs.gather(-1, top_indices)
+    # Scattering the k kept weights into the dense (N, E) gate: its backward is a gather.
+    routing_weights = torch.zeros_like(router_probs).scatter(-1, top_indices, top_weights)
     return routing_weights, router_probs, selected
 
 
@@ -56,10 +61,13 @@ def switch_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor,
     ``f_e`` is the fraction of tokens routed to expert ``e`` (summing to ``top_k``), ``P_e`` the mean router
     probability. Padding tokens are excluded. Equals ``top_k`` at perfect balance.
     """
-    num_experts = router_probs.shape[-1]
-    fraction_routed = masked_mean(selected.to(router_probs.dtype), token_mask)
-    mean_prob = masked_mean(router_probs, token_mask)
-    return num_experts * (fraction_routed * mean_prob).sum()
+    num_tokens, num_experts = router_probs.shape
+    # Both token means are one matrix-vector product with the per-token weights 1/n_real (0 for padding), which every
+    # layer of a batch shares (cached by the aux-loss window).
+    weights = aux_loss.token_weights(token_mask, num_tokens, router_probs.dtype, router_probs.device)
+    fraction_routed = torch.mv(selected.to(router_probs.dtype).t(), weights)  # (E,)
+    mean_prob = torch.mv(router_probs.t(), weights)  # (E,)
+    return torch.dot(fraction_routed, mean_prob) * num_experts
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -92,8 +92,9 @@ def threshold_routing(router_logits: torch.Tensor, threshold_logits: torch.Tenso
     # No expert cleared tau (or all active ones sit exactly on it): use the top-1 expert with weight 1. Batched with
     # torch.where; the safe denominator keeps the unused branch finite so its zero gradient stays zero, not NaN.
     fallback = total <= 0
-    top1 = F.one_hot(router_probs.argmax(dim=-1), router_probs.shape[-1]).bool()  # (N, E)
-    routing_weights = torch.where(fallback, top1.to(kept.dtype), kept / torch.where(fallback, 1.0, total))
+    # A scatter, not F.one_hot: one_hot reads the indices' min and max back to the host to validate them (a sync).
+    top1 = torch.zeros_like(active).scatter_(-1, router_probs.argmax(dim=-1, keepdim=True), True)  # (N, E)
+    routing_weights = torch.where(fallback, top1.to(kept.dtype), kept / total.masked_fill(fallback, 1.0))
     selected = torch.where(fallback, top1, active)
     return routing_weights, adapted, selected
 
