@@ -50,8 +50,8 @@ def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> tor
     """Mean over the token axis (dim 0) of ``values`` counting only real tokens."""
     if token_mask is None:
         return values.mean(dim=0)
-    weights = token_mask.to(values.dtype).unsqueeze(-1)
-    return (values * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+    weights = aux_loss.token_weights(token_mask, values.shape[0], values.dtype, values.device)  # 1/n_real or 0
+    return torch.mv(values.reshape(values.shape[0], -1).t(), weights).reshape(values.shape[1:])
 
 
 def switch_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor,
@@ -77,17 +77,18 @@ def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return values.float().var() / (values.float().mean() ** 2 + eps)
 
 
-def record_routing(layer, routing_weights: torch.Tensor, selected: torch.Tensor,
+def record_routing(layer, routing_weights: torch.Tensor, selected: Optional[torch.Tensor],
                    token_mask: Optional[torch.Tensor]) -> None:
     """Hand per-expert load statistics of one layer to the aux-loss window (only when statistics are requested).
 
     Cheap enough to leave on: it runs only on logging steps and reduces ``(N, E)`` to a few ``(E,)`` vectors.
+    ``selected`` None means every expert takes every token (dense routing).
     """
     if not aux_loss.wants_routing():
         return
     with torch.no_grad():
         weights = routing_weights.float()
-        chosen = selected.float()
+        chosen = torch.ones_like(weights) if selected is None else selected.float()
         if token_mask is not None:
             weights = weights[token_mask]
             chosen = chosen[token_mask]

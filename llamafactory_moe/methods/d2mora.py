@@ -85,19 +85,22 @@ class D2MoRAConfig(MoeLoraConfig):
         check_bool("per_expert_dropout", self.per_expert_dropout, method=m)
 
 
-def sum_abs_pairwise_cosine(experts: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
-    """``sum_{i<j} |<v_i, v_j>| / ((|v_i| + eps)(|v_j| + eps))`` over experts ``v_i = experts[i].flatten()``.
+def sum_abs_pairwise_cosine(*groups: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
+    """``sum_{i<j} |<v_i, v_j>| / ((|v_i| + eps)(|v_j| + eps))`` over the experts ``v_i = group[i].flatten()`` of each
+    group, summed over the groups (pairs never span two groups).
 
     Args:
-        experts: ``(K, ...)``, expert ``i`` is ``experts[i]`` (any trailing shape).
+        groups: ``(K_g, ...)`` each, expert ``i`` is ``group[i]`` (any trailing shape).
     Returns:
         fp32 scalar; 0 for one expert.
     """
-    flat = experts.float().reshape(experts.shape[0], -1)  # (K, D)
+    flats = [group.float().reshape(group.shape[0], -1) for group in groups]  # (K_g, D_g)
+    # All groups in one Gram matrix: block-diagonal rows have exact zeros across groups, so the cross-group cosines are
+    # exactly 0 and the sum is the per-group sums, in one set of kernels instead of one per group.
+    flat = flats[0] if len(flats) == 1 else torch.block_diag(*flats)  # (K, D)
     # vector_norm has a zero subgradient at 0 (B = 0 at init); sqrt of the Gram diagonal would give NaN.
-    norms = torch.linalg.vector_norm(flat, dim=-1) + eps  # (K,)
-    cosine = (flat @ flat.T) / (norms[:, None] * norms[None, :])  # (K, K)
-    return cosine.abs().triu(diagonal=1).sum()
+    unit = flat / (torch.linalg.vector_norm(flat, dim=-1, keepdim=True) + eps)  # (K, D)
+    return (unit @ unit.T).abs().triu(diagonal=1).sum()
 
 
 class D2MoRALayer(MoeLoraLayer):
@@ -142,13 +145,12 @@ class D2MoRALayer(MoeLoraLayer):
         # Router 2 in float32 on the mixed code h (not detached); dense softmax over the N up-experts.
         router_logits_up = F.linear(h.float(), self.d2mora_router_up[adapter_name].float())  # (N_tok, N)
         weights_up = torch.softmax(router_logits_up, dim=-1)
-        record_routing(self, weights_up, torch.ones_like(weights_up, dtype=torch.bool), token_mask)
+        record_routing(self, weights_up, None, token_mask)  # dense: every expert selected
 
         coef = config.effective_aux_loss_coef
         if self.training and coef > 0:
             # B_j is the column block [j*r, (j+1)*r): view (out, N, r) and put the expert axis first.
-            diversity = (sum_abs_pairwise_cosine(A.view(M, r, -1))
-                         + sum_abs_pairwise_cosine(B.view(-1, N, r).transpose(0, 1)))
+            diversity = sum_abs_pairwise_cosine(A.view(M, r, -1), B.view(-1, N, r).transpose(0, 1))
             self.record_aux("diversity_loss", diversity, coef)
         return routed_up_projection(h, B, weights_up) * config.scaling
 

@@ -92,7 +92,7 @@ class HydraLoRALayer(MoeLoraLayer):
         if config.head_balance_loss:
             importance = masked_mean(routing_weights, token_mask)  # (N,)
             self.record_aux("balance_loss", cv_squared(importance), config.effective_aux_loss_coef)
-        record_routing(self, routing_weights, torch.ones_like(routing_weights, dtype=torch.bool), token_mask)
+        record_routing(self, routing_weights, None, token_mask)  # dense: every head selected
         code = F.linear(self.moe_dropout[adapter_name](x), self.hydralora_A[adapter_name])  # (N_tok, r), once
         return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights) * config.scaling
 

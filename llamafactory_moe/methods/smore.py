@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
 from ..core.routing import cv_squared, record_routing, switch_balance_loss
 
@@ -380,32 +380,40 @@ class SMoRELayer(MoeLoraLayer):
             hidden = activate(act, hidden, router.get(f"act_{level}"))
             h = F.linear(hidden, router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"])
         # Router logits and probabilities in float32: bf16 loses the small differences routing depends on.
-        mask = None if token_mask is None else token_mask.unsqueeze(1).expand(-1, query.shape[1]).reshape(-1)
+        # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token weights
+        # the aux-loss window caches.
+        mask = token_mask if token_mask is None or query.shape[1] == 1 else \
+            token_mask.unsqueeze(1).expand(-1, query.shape[1]).reshape(-1)
         if config.gate_type == "noisy_topk":
             keys = F.normalize(keys.float(), dim=-1)
             clean = F.normalize(h.float(), dim=-1) @ keys.T  # (N, P, s) cosine similarity
             index, alpha = self._noisy_top_k(clean, query, router[f"noise_{level}"], fan_out, mask,
                                              config.effective_aux_loss_coef)
         else:
-            probs = torch.softmax(h.float() @ keys.float().T, dim=-1)  # (N, P, s)
+            logits = h.float() @ keys.float().T  # (N, P, s)
+            probs = torch.softmax(logits, dim=-1)
             if config.gate_type == "dense":
                 index = torch.arange(num_experts, device=probs.device).expand_as(probs)
                 alpha = probs
             else:  # switch: top-k of the softmax, renormalised if k > 1
-                index = torch.argsort(probs, dim=-1, descending=True, stable=True)[..., :fan_out]
-                alpha = torch.gather(probs, -1, index)
-                if fan_out > 1:
-                    alpha = alpha / alpha.sum(-1, keepdim=True)
+                index = torch.argsort(probs.detach(), dim=-1, descending=True, stable=True)[..., :fan_out]
+                # Renormalised kept probabilities = a softmax over the kept logits: one op each way instead of a
+                # sum, a division and their backward.
+                alpha = (torch.softmax(torch.gather(logits, -1, index), dim=-1) if fan_out > 1
+                         else torch.gather(probs, -1, index))
                 if self.training:
-                    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, True)
+                    # Float 0/1 directly: the balance loss takes the routed fraction as a matrix-vector product.
+                    chosen = torch.zeros_like(probs).scatter_(-1, index, 1.0)
                     balance = switch_balance_loss(probs.flatten(0, 1), chosen.flatten(0, 1), mask)
                     self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
-        if level == config.num_layers - 1:  # token-level routing statistics: the top layer
-            top = index[:, 0]  # (N, f): P = 1 path per token at the top
-            weights = alpha.new_zeros(top.shape[0], num_experts).scatter(-1, top, alpha[:, 0])
-            chosen = torch.zeros_like(weights, dtype=torch.bool).scatter(-1, top, True)
-            record_routing(self, weights, chosen, token_mask)
-        return index, alpha, keys[index]
+        if level == config.num_layers - 1 and aux_loss.wants_routing():  # token-level statistics: the top layer
+            with torch.no_grad():  # logging only: no graph, so checkpoint recomputation (window closed) matches
+                top = index[:, 0]  # (N, f): P = 1 path per token at the top
+                weights = alpha.new_zeros(top.shape[0], num_experts).scatter(-1, top, alpha[:, 0])
+                chosen = torch.zeros_like(weights, dtype=torch.bool).scatter(-1, top, True)
+                record_routing(self, weights, chosen, token_mask)
+        # The selected keys feed the gates of the layer below; the bottom layer has none.
+        return index, alpha, (keys[index] if level > 0 else None)
 
     def _noisy_top_k(self, clean: torch.Tensor, query: torch.Tensor, noise_weight: torch.Tensor, k: int,
                      mask: Optional[torch.Tensor], coef: float) -> tuple[torch.Tensor, torch.Tensor]:
