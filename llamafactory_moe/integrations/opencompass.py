@@ -30,17 +30,22 @@ from datasets import Dataset
 from opencompass.datasets.base import BaseDataset
 from opencompass.models import HuggingFaceBaseModel, HuggingFacewithChatTemplate
 from opencompass.models.base import LMTemplateParser
-from opencompass.openicl.icl_evaluator import EMEvaluator
-from opencompass.registry import ICL_EVALUATORS, LOAD_DATASET, MODELS, TEXT_POSTPROCESSORS
+from opencompass.openicl.icl_evaluator import BaseEvaluator, EMEvaluator
+from opencompass.openicl.icl_inferencer.icl_base_inferencer import BaseInferencer
+from opencompass.registry import ICL_EVALUATORS, ICL_INFERENCERS, LOAD_DATASET, MODELS, TEXT_POSTPROCESSORS
 
 __all__ = [
     "COMMONSENSE_TASKS",
+    "ChoiceAccEvaluator",
+    "ChoiceLLInferencer",
     "CommonsenseDataset",
     "FlanEMEvaluator",
     "FlanTaskDataset",
     "MoeHFBaseModel",
     "MoeHFChatModel",
+    "choice_prompts",
     "commonsense_datasets",
+    "commonsense_options",
     "commonsense_summarizer",
     "first_label_match",
     "flan_datasets",
@@ -93,6 +98,17 @@ _COMMONSENSE_ALIASES = {
 }
 # LLM-Adapters' training target is "the correct answer is <label>", so PPL mode scores exactly that continuation.
 ANSWER_PREFIX = "the correct answer is "
+# Choice mode: the word that numbers the options in each task's LLM-Adapters instruction ("Solution1: ...",
+# "Answer2: ...", "Ending3: ...", "Option1: ..."); the label of option k is this word in lower case plus k, which is
+# exactly the task's `answer` field. BoolQ lists no options: its two answers are the labels themselves.
+CHOICE_OPTION_WORDS = {"piqa": "Solution", "siqa": "Answer", "hellaswag": "Ending", "winogrande": "Option",
+                       "arc-c": "Answer", "arc-e": "Answer", "obqa": "Answer"}
+# Choice mode's headline metric: `acc_norm` (log-likelihood per byte of the option) where options are free texts of
+# different lengths, so a long option is not penalised for its length. BoolQ's two options are the fixed words
+# " true" / " false": dividing by their byte counts (5 vs 6) only adds a constant bias towards "false" (SmolLM2-135M:
+# acc_norm 31% vs acc 52% on the first 100), so BoolQ's headline is `acc`, as lm-eval-harness reports it. WinoGrande
+# scores the same continuation for both options, where the two metrics coincide.
+CHOICE_HEADLINE = {"boolq": "acc"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,7 +191,9 @@ def settings_from_env(config_dir: str, *, default_max_out_len: int, needs_data: 
     limit = _env_int("MOE_EVAL_LIMIT", None)
     if limit is not None and limit < 1:
         raise ValueError(f"`MOE_EVAL_LIMIT` must be >= 1 (or unset for all examples); got {limit}.")
-    prompt = (_env("MOE_PROMPT") or "alpaca").lower()
+    mode = (_env("MOE_EVAL_MODE") or "gen").lower()
+    # Choice mode scores option text as a plain continuation (lm-eval-harness style), so it defaults to no wrapper.
+    prompt = (_env("MOE_PROMPT") or ("plain" if mode == "choice" else "alpaca")).lower()
     if prompt not in {"alpaca", "plain"}:
         raise ValueError(f"`MOE_PROMPT` must be `alpaca` or `plain`; got {prompt!r}.")
     tasks = _env("MOE_EVAL_TASKS")
@@ -194,7 +212,7 @@ def settings_from_env(config_dir: str, *, default_max_out_len: int, needs_data: 
         chat_template=_env_bool("MOE_CHAT_TEMPLATE"),
         prompt=prompt,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
-        mode=(_env("MOE_EVAL_MODE") or "gen").lower(),
+        mode=mode,
     )
 
 
@@ -350,16 +368,18 @@ def flan_summarizer(settings: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 
 def commonsense_datasets(settings: dict) -> list[dict]:
-    """The commonsense tasks that exist under ``<data_root>/commonsense``, in generation or PPL mode.
+    """The commonsense tasks that exist under ``<data_root>/commonsense``, in generation, PPL or choice mode.
 
     ``gen`` reproduces the LLM-Adapters / D2MoRA protocol (greedy generation, first label match, exact accuracy).
     ``ppl`` scores "the correct answer is <label>" for every candidate label and picks the most likely one: one
     forward pass per candidate instead of up to ``max_out_len`` decoding steps, so much cheaper on CPU.
+    ``choice`` scores each option's own text as the continuation of the question (see :func:`choice_prompts`), the
+    zero-shot protocol of lm-eval-harness; it works for models that were never taught the label vocabulary.
     A task whose test.json is missing is skipped with a message; if none is found, this raises.
     """
     mode = settings["mode"]
-    if mode not in {"gen", "ppl"}:
-        raise ValueError(f"`MOE_EVAL_MODE` must be `gen` or `ppl`; got {mode!r}.")
+    if mode not in {"gen", "ppl", "choice"}:
+        raise ValueError(f"`MOE_EVAL_MODE` must be `gen`, `ppl` or `choice`; got {mode!r}.")
     root = Path(settings["data_root"]) / "commonsense"
     names = _select(list(COMMONSENSE_TASKS), settings["tasks"],
                     lambda n: _COMMONSENSE_ALIASES.get(n.lower(), n.lower()), "commonsense tasks")
@@ -371,6 +391,9 @@ def commonsense_datasets(settings: dict) -> list[dict]:
             missing.append(str(path))
             _warn(f"skipping commonsense task `{name}`: expected {path}, which is missing. It is one of "
                   f"{COMMONSENSE_SOURCE}; nothing is downloaded.")
+            continue
+        if mode == "choice":
+            datasets.append(_choice_dataset(settings, name, path))
             continue
         human = _prompt_round(settings, "instruction")
         if mode == "gen":
@@ -406,13 +429,128 @@ def commonsense_datasets(settings: dict) -> list[dict]:
     return datasets
 
 
+def _choice_dataset(settings: dict, name: str, path: Path) -> dict:
+    """One task in choice mode: a prompt per option label, each ending in that option's text.
+
+    The labels are the task's answer vocabulary, so the prediction is directly comparable with the `answer` field.
+    Options differ per example, so the template reads them from per-label columns (``ctx_<label>``,
+    ``cont_<label>``) that :class:`CommonsenseDataset` fills, the way OpenCompass's own piqa_ppl config reads
+    ``{sol1}`` / ``{sol2}``; a label the example does not have (an ARC question with 3 choices) has an empty
+    continuation and is not scored.
+    """
+    labels = COMMONSENSE_TASKS[name]["labels"]
+    template = {}
+    for label in labels:
+        context, continuation = "{ctx_" + label + "}", "{cont_" + label + "}"
+        if settings["chat_template"]:
+            # The context is the user turn; the option is the assistant's reply.
+            template[label] = dict(round=[dict(role="HUMAN", prompt=context),
+                                          dict(role="BOT", prompt=continuation)])
+        elif settings["prompt"] == "alpaca":
+            template[label] = ALPACA_PREFIX + context + ALPACA_SUFFIX + continuation
+        else:
+            template[label] = context + continuation
+    columns = [f"{kind}_{label}" for label in labels for kind in ("ctx", "cont")]
+    return dict(
+        abbr=f"{name}-choice",
+        type=f"{_HERE}.CommonsenseDataset",
+        path=str(path),
+        task=name,
+        reader_cfg=_reader_cfg(settings, columns, "answer"),
+        infer_cfg=dict(
+            prompt_template=dict(type=f"{_OC}.icl_prompt_template.PromptTemplate", template=template),
+            retriever=dict(type=f"{_OC}.icl_retriever.ZeroRetriever"),
+            inferencer=dict(type=f"{_HERE}.ChoiceLLInferencer"),
+        ),
+        eval_cfg=dict(evaluator=dict(type=f"{_HERE}.ChoiceAccEvaluator")),
+    )
+
+
 def commonsense_summarizer(datasets: list[dict]) -> dict:
-    rows = [(d["abbr"], "accuracy") for d in datasets]
+    """Accuracy per task and its average. Choice mode lists each task's headline metric (:data:`CHOICE_HEADLINE`,
+    averaged into `commonsense-avg`), then below the average the other metric of every task."""
+    rows, extra = [], []
+    for d in datasets:
+        if "task" not in d:
+            rows.append((d["abbr"], "accuracy"))
+            continue
+        headline = CHOICE_HEADLINE.get(d["task"], "acc_norm")
+        rows.append((d["abbr"], headline))
+        extra.append((d["abbr"], "acc" if headline == "acc_norm" else "acc_norm"))
     return dict(
         type="opencompass.summarizers.DefaultSummarizer",
-        dataset_abbrs=[*rows, ("commonsense-avg", "naive_average")],
+        dataset_abbrs=[*rows, ("commonsense-avg", "naive_average"), *extra],
         summary_groups=[dict(name="commonsense-avg", subsets=rows)],
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Choice mode: options parsed out of the LLM-Adapters instructions, scored by the likelihood of their text
+# --------------------------------------------------------------------------------------------------------------------
+
+_INSTRUCTION_HEAD = re.compile(r"^Please (?:choose|answer) [^:]*: ")
+_BOOLQ = re.compile(r"^Please answer the following question with true or false, question: (?P<q>.*?)\s*"
+                    r"Answer format: true/false\s*$", re.DOTALL)
+
+
+def commonsense_options(task: str, instruction: str) -> tuple[str, list[str]]:
+    """``(question, [option1, option2, ...])`` of one LLM-Adapters instruction; option k has label `<word>k`.
+
+    The instruction is "Please choose the correct ...: <question>\n\n<Word>1: <text> <Word>2: <text> ...
+    Answer format: <word>1/<word>2/...". The answer-format line says how many options there are; the text must
+    hold exactly the markers <Word>1..<Word>k in order, which guards against an option that itself contains
+    "Answer2: ".
+    """
+    if task == "boolq":
+        match = _BOOLQ.match(instruction)
+        if not match:
+            raise ValueError(f"not a BoolQ instruction in the LLM-Adapters format: {instruction[:200]!r}")
+        return match["q"].strip(), ["true", "false"]
+    if task not in CHOICE_OPTION_WORDS:
+        raise ValueError(f"`task` {task!r} has no option format; choose from {['boolq', *CHOICE_OPTION_WORDS]}.")
+    word = CHOICE_OPTION_WORDS[task]
+    head = _INSTRUCTION_HEAD.match(instruction)
+    body, _, answer_format = instruction.rpartition("Answer format:")
+    count = len(answer_format.strip().split("/"))
+    if not head or not body:
+        raise ValueError(f"not a {task} instruction in the LLM-Adapters format: {instruction[:200]!r}")
+    pieces = re.split(rf"(?:^|\s){word}(\d+): ", body[head.end():])
+    numbers = [int(n) for n in pieces[1::2]]
+    if numbers != list(range(1, count + 1)):
+        raise ValueError(f"expected options {word}1..{word}{count} in order, found {numbers} in {instruction[:200]!r}")
+    return pieces[0].strip(), [text.strip() for text in pieces[2::2]]
+
+
+def _hellaswag_clean(text: str) -> str:
+    # HellaSwag's WikiHow contexts carry "[title]" / "[step]" / "[header]" markers; like lm-eval-harness we turn
+    # "[title]" into a sentence break (without doubling a period already there) and drop the rest, so the model
+    # scores prose rather than markup.
+    text = re.sub(r"\.?\s*\[title\]\s*", ". ", text.strip())
+    text = re.sub(r"\[.*?\]", "", text)
+    return re.sub(r"  +", " ", text).strip()
+
+
+def choice_prompts(task: str, instruction: str) -> list[tuple[str, str]]:
+    """``[(context, continuation)]`` per option: the model scores ``continuation`` given ``context``.
+
+    Formats follow lm-eval-harness's zero-shot tasks: "Question: <q>\nAnswer:" + " <option>" for BoolQ, PIQA, SIQA
+    and ARC; OBQA's question is the first half of a sentence (".. fog around:"), so its option continues the question
+    itself, as does HellaSwag's ending its context; for WinoGrande the blank is filled with each option and only the
+    shared rest of the sentence is scored ("partial scoring", Trinh & Le 2018), so the options compete on how well
+    they explain what follows rather than on their own frequency.
+    """
+    question, options = commonsense_options(task, instruction)
+    if task == "winogrande":
+        before, blank, after = question.partition("_")
+        if not blank:
+            raise ValueError(f"WinoGrande sentence without a `_` blank: {question!r}")
+        return [(before + option, " " + after.strip()) for option in options]
+    if task == "hellaswag":
+        context = _hellaswag_clean(question)
+        return [(context, " " + _hellaswag_clean(option)) for option in options]
+    if task == "obqa":
+        return [(question, " " + option) for option in options]
+    return [(f"Question: {question}\nAnswer:", " " + option) for option in options]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -435,19 +573,32 @@ class FlanTaskDataset(BaseDataset):
 
 @LOAD_DATASET.register_module()
 class CommonsenseDataset(BaseDataset):
-    """One LLM-Adapters ``test.json`` (``instruction``, ``input``, ``output``, ``answer``)."""
+    """One LLM-Adapters ``test.json`` (``instruction``, ``input``, ``output``, ``answer``).
+
+    With ``task`` (choice mode) each row also gets ``ctx_<label>`` / ``cont_<label>`` for every label of the task,
+    from :func:`choice_prompts`; labels beyond the row's own options are empty strings.
+    """
 
     @staticmethod
-    def load(path: str, **kwargs) -> Dataset:
+    def load(path: str, task: Optional[str] = None, **kwargs) -> Dataset:
         if not Path(path).is_file():
             raise FileNotFoundError(f"commonsense test data not found: expected {path}. It is one of "
                                     f"{COMMONSENSE_SOURCE}.")
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
         # `input` is empty in every LLM-Adapters commonsense file; fold it in anyway so nothing is silently dropped.
-        return Dataset.from_list([
-            dict(instruction=r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
-                 answer=r["answer"])
-            for r in rows])
+        records = [dict(instruction=r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""),
+                        answer=r["answer"])
+                   for r in rows]
+        if task is not None:
+            labels = COMMONSENSE_TASKS[task]["labels"]
+            for record, row in zip(records, rows):
+                pairs = choice_prompts(task, row["instruction"])
+                if record["answer"] not in labels[:len(pairs)]:
+                    raise ValueError(f"{path}: answer {record['answer']!r} is not one of the row's option labels "
+                                     f"{labels[:len(pairs)]}")
+                for i, label in enumerate(labels):
+                    record[f"ctx_{label}"], record[f"cont_{label}"] = pairs[i] if i < len(pairs) else ("", "")
+        return Dataset.from_list(records)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -489,6 +640,106 @@ class FlanEMEvaluator(EMEvaluator):
         return super().score([str(p).lower() for p in predictions],
                              [[str(r).lower()] if isinstance(r, str) else [str(x).lower() for x in r]
                               for r in references])
+
+
+@ICL_INFERENCERS.register_module()
+class ChoiceLLInferencer(BaseInferencer):
+    """Rank each example's options by the log-likelihood of the option text (choice mode).
+
+    Like OpenCompass's ``PPLInferencer`` it renders one prompt per label of the prompt template, but it scores only
+    the continuation (the text of the ``cont_<label>`` column, which every label's prompt ends with) given everything
+    before it, instead of the perplexity of the whole prompt. Per example it records two predictions, the two
+    lm-eval-harness rules: ``prediction`` = highest log-likelihood per UTF-8 byte of the continuation (acc_norm),
+    ``prediction_acc`` = highest summed log-likelihood (acc). A label whose continuation is empty is an option the
+    example does not have and is not scored. Needs a model with ``continuation_logprobs`` (:class:`MoeHFBaseModel`).
+    """
+
+    def __init__(self, model, max_seq_len: Optional[int] = None, batch_size: Optional[int] = 1,
+                 output_json_filepath: Optional[str] = "./icl_inference_output",
+                 output_json_filename: Optional[str] = "predictions", **kwargs):
+        super().__init__(model=model, max_seq_len=max_seq_len, batch_size=batch_size,
+                         output_json_filepath=output_json_filepath, output_json_filename=output_json_filename,
+                         **kwargs)
+
+    def inference(self, retriever, ice_template=None, prompt_template=None, output_json_filepath=None,
+                  output_json_filename=None) -> list:
+        if not hasattr(self.model, "continuation_logprobs"):
+            raise TypeError(f"choice mode needs a model with `continuation_logprobs`; {type(self.model).__name__} "
+                            f"has none. Use `type={_HERE}.MoeHFBaseModel`.")
+        labels = retriever.get_labels(ice_template=ice_template, prompt_template=prompt_template)
+        n_examples = len(retriever.retrieve())
+        requests = []  # (example index, label, context, continuation)
+        for idx in range(n_examples):
+            entry = retriever.test_ds[idx]
+            for label in labels:
+                continuation = entry[f"cont_{label}"]
+                if not continuation:
+                    continue
+                prompt = retriever.generate_label_prompt(idx, "", label, ice_template=ice_template,
+                                                         prompt_template=prompt_template)
+                text = self.model.parse_template(prompt, mode="ppl")
+                if not text.endswith(continuation):
+                    raise ValueError(f"the prompt for label {label!r} of example {idx} does not end with its "
+                                     f"option text {continuation!r}; the template must end with {{cont_{label}}}.")
+                context = text[: len(text) - len(continuation)]
+                # Options carry a leading space for "Answer:" + " <option>"; after a prompt wrapper that ends a line
+                # ("### Response:\n", the chat template's assistant header) that space would be an artefact.
+                if context[-1:].isspace():
+                    continuation = continuation.lstrip(" ")
+                requests.append((idx, label, context, continuation))
+
+        scores = []
+        for start in range(0, len(requests), self.batch_size or 1):
+            batch = requests[start: start + (self.batch_size or 1)]
+            scores.extend(self.model.continuation_logprobs([r[2] for r in batch], [r[3] for r in batch]))
+
+        results = {str(idx): dict(gold=None) for idx in range(n_examples)}
+        best: dict[int, dict] = {}
+        for (idx, label, context, continuation), (logprob, n_tokens) in zip(requests, scores):
+            n_bytes = len(continuation.encode("utf-8"))
+            results[str(idx)][f"label: {label}"] = dict(context=context, continuation=continuation,
+                                                        logprob=logprob, tokens=n_tokens, bytes=n_bytes)
+            entry = best.setdefault(idx, dict(acc=(label, logprob), acc_norm=(label, logprob / n_bytes)))
+            # Strictly greater: ties go to the earlier option, as numpy.argmax in lm-eval-harness.
+            if logprob > entry["acc"][1]:
+                entry["acc"] = (label, logprob)
+            if logprob / n_bytes > entry["acc_norm"][1]:
+                entry["acc_norm"] = (label, logprob / n_bytes)
+        for idx in range(n_examples):
+            if idx not in best:
+                raise ValueError(f"example {idx} has no option to score (every cont_<label> column is empty).")
+            results[str(idx)]["origin_prompt"] = results[str(idx)][f"label: {best[idx]['acc_norm'][0]}"]["context"]
+            results[str(idx)]["prediction"] = best[idx]["acc_norm"][0]
+            results[str(idx)]["prediction_acc"] = best[idx]["acc"][0]
+        reader = retriever.dataset_reader
+        if reader.output_column:
+            for idx, gold in enumerate(reader.dataset["test"][reader.output_column]):
+                results[str(idx)]["gold"] = gold
+
+        if self.is_main_process:
+            out_dir = output_json_filepath or self.output_json_filepath
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, output_json_filename or self.output_json_filename), "w",
+                      encoding="utf-8") as handle:
+                json.dump(results, handle, indent=4, ensure_ascii=False)
+        return [results[str(idx)]["prediction"] for idx in range(n_examples)]
+
+
+@ICL_EVALUATORS.register_module()
+class ChoiceAccEvaluator(BaseEvaluator):
+    """Choice-mode accuracy, in %: ``acc_norm`` (byte-length-normalised log-likelihood) and ``acc`` (summed
+    log-likelihood), as lm-eval-harness reports them; :data:`CHOICE_HEADLINE` says which one a task's summary row
+    shows. OpenCompass passes ``prediction_acc`` from the predictions file because ``score`` names it."""
+
+    def score(self, predictions, references, prediction_acc):
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} references.")
+        details = [dict(pred=p, pred_acc=a, answer=r, correct=p == r)
+                   for p, a, r in zip(predictions, prediction_acc, references)]
+        n = max(len(references), 1)
+        return dict(acc_norm=100 * sum(d["correct"] for d in details) / n,
+                    acc=100 * sum(d["pred_acc"] == d["answer"] for d in details) / n,
+                    details=details)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -564,6 +815,44 @@ class MoeHFBaseModel(HuggingFaceBaseModel):
     def _load_tokenizer(self, path, kwargs, pad_token_id=None):
         super()._load_tokenizer(path, kwargs, pad_token_id)
         _ensure_batch_encode_plus(self.tokenizer)
+
+    def continuation_logprobs(self, contexts: list[str], continuations: list[str]) -> list[tuple[float, int]]:
+        """``(sum of log p(continuation tokens | context), number of continuation tokens)`` per pair.
+
+        Tokenised as lm-eval-harness does: the continuation's tokens are those of ``context + continuation`` after
+        the length of the context's own encoding, so a merge across the boundary is scored the way the model reads
+        the joined text. An over-long pair loses tokens from the left; the continuation is always kept whole.
+        (OpenCompass's ``get_ppl(mask_length=...)`` cannot be used: it counts the mask from the left edge of a
+        left-padded batch.)
+        """
+        import torch
+
+        rows = []
+        for context, continuation in zip(contexts, continuations):
+            whole = self.tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+            start = min(len(self.tokenizer(context, add_special_tokens=True)["input_ids"]), len(whole) - 1)
+            overflow = len(whole) - self.max_seq_len
+            if overflow > 0:
+                if overflow >= start:
+                    raise ValueError(f"an option of {len(whole) - start} tokens does not fit `max_seq_len` "
+                                     f"({self.max_seq_len}); raise MOE_MAX_SEQ_LEN.")
+                whole, start = whole[overflow:], start - overflow
+            rows.append((whole, max(start, 1)))
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Right padding keeps every real token at the position it has alone, so the scores do not depend on batching.
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=self.model.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows],
+                            device=self.model.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        results = []
+        for i, (ids, start) in enumerate(rows):
+            # Token t is predicted by the logits at t - 1; only the continuation's rows get a softmax.
+            logprobs = torch.log_softmax(logits[i, start - 1: len(ids) - 1].float(), dim=-1)
+            targets = input_ids[i, start: len(ids)]
+            results.append((float(logprobs.gather(-1, targets[:, None]).sum()), len(ids) - start))
+        return results
 
 
 @MODELS.register_module()
