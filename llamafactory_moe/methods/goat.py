@@ -215,8 +215,10 @@ class GoatLayer(MoeLoraLayer):
         # W_res x - W0 x = -c * s * B0 (A0 x): the base path sees the input without dropout.
         A_init = self.goat_A_init[adapter_name].to(x.dtype)
         B_init = self.goat_B_init[adapter_name].to(x.dtype)
-        correction = F.linear(F.linear(x, A_init), B_init)  # (N, out)
-        return scaling * (experts - config.effective_residual_coef * correction)
+        # s * experts - s * c * B0 (A0 x) as one addmm (beta scales the input, alpha the product): the scale, the
+        # coefficient and the subtraction cost no kernels of their own.
+        return torch.addmm(experts, F.linear(x, A_init), B_init.t(), beta=scaling,
+                           alpha=-scaling * config.effective_residual_coef)  # (N, out)
 
 
 class GoatModel(MoeLoraTuner):
