@@ -134,9 +134,10 @@ class AdaMoLELayer(MoeLoraLayer):
         routing_weights, adapted, selected = threshold_routing(router_logits, threshold_logits,
                                                                config.effective_max_threshold)
         token_mask = self.token_mask(x.shape[0])
-        # E * sum_e f_e * mean(a_e): Switch's form with the adapted scores in place of the probabilities.
-        balance = switch_balance_loss(adapted, selected, token_mask)
-        self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
+        if self.training:  # record_aux keeps it only in training (not conditioned on the window: see core.aux_loss)
+            # E * sum_e f_e * mean(a_e): Switch's form with the adapted scores in place of the probabilities.
+            balance = switch_balance_loss(adapted, selected, token_mask)
+            self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)
         delta = paired_experts(self.moe_dropout[adapter_name](x), self.adamole_A[adapter_name],
                                self.adamole_B[adapter_name], routing_weights, config.expert_rank)

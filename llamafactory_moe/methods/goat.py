@@ -205,8 +205,9 @@ class GoatLayer(MoeLoraLayer):
         router_logits = F.linear(x.float(), self.goat_router[adapter_name].float())  # (N, E)
         routing_weights, router_probs, selected = softmax_top_k(router_logits, config.top_k)
         token_mask = self.token_mask(x.shape[0])
-        if config.top_k is not None and config.top_k < config.num_experts:
-            # With all experts active the Switch loss is the constant E (no gradient): skip it.
+        # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
+        # recomputation runs without). With all experts active the Switch loss is the constant E: skip it.
+        if self.training and config.top_k is not None and config.top_k < config.num_experts:
             balance = switch_balance_loss(router_probs, selected, token_mask)
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)

@@ -89,7 +89,7 @@ class HydraLoRALayer(MoeLoraLayer):
         router_logits = F.linear(x.float(), self.hydralora_router[adapter_name].float())  # (N_tok, N)
         routing_weights = torch.softmax(router_logits, dim=-1)
         token_mask = self.token_mask(x.shape[0])
-        if config.head_balance_loss:
+        if self.training and config.head_balance_loss:  # record_aux keeps it only in training
             importance = masked_mean(routing_weights, token_mask)  # (N,)
             self.record_aux("balance_loss", cv_squared(importance), config.effective_aux_loss_coef)
         record_routing(self, routing_weights, None, token_mask)  # dense: every head selected

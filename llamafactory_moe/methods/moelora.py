@@ -65,8 +65,10 @@ class MoELoRALayer(MoeLoraLayer):
         router_logits = F.linear(x, self.moelora_router[adapter_name])  # (N, E)
         routing_weights, router_probs, selected = softmax_top_k(router_logits, config.top_k)
         token_mask = self.token_mask(x.shape[0])
-        if config.top_k is not None and config.top_k < config.num_experts:
-            # With soft routing every expert gets every token, so the Switch loss is the constant E: skip it.
+        # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
+        # recomputation runs without). With soft routing every expert gets every token, so the Switch loss is the
+        # constant E: skip it.
+        if self.training and config.top_k is not None and config.top_k < config.num_experts:
             balance = switch_balance_loss(router_probs, selected, token_mask)
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)

@@ -350,8 +350,12 @@ class SMoRELayer(MoeLoraLayer):
         """``B^e (A^e x + a^e) + b^e`` for every expert e of a pool: ``(N, s, d)``, two batched matmuls."""
         A, B = experts[f"A_{pool}"], experts[f"B_{pool}"]
         s, r, _ = A.shape
-        codes = F.linear(x, A.reshape(s * r, -1)).view(-1, s, r) + experts[f"A_bias_{pool}"]  # (N, s, r)
-        return torch.einsum("nsr,sdr->nsd", codes, B) + experts[f"B_bias_{pool}"]  # one bmm over the s experts
+        # Biases ride in the GEMMs (addmm / baddbmm): no separate add kernels. The flattened (s*r) bias matches the
+        # flattened rows of A.
+        codes = F.linear(x, A.reshape(s * r, -1), experts[f"A_bias_{pool}"].reshape(s * r)).view(-1, s, r)  # (N, s, r)
+        # One batched GEMM over the s experts: (s, N, r) @ (s, r, d) + (s, 1, d) -> (s, N, d), viewed as (N, s, d).
+        return torch.baddbmm(experts[f"B_bias_{pool}"].unsqueeze(1), codes.transpose(0, 1),
+                             B.transpose(1, 2)).transpose(0, 1)
 
     def _route(self, config: SMoREConfig, router: nn.ParameterDict, x: torch.Tensor,
                token_mask: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
