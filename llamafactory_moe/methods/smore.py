@@ -327,10 +327,13 @@ class SMoRELayer(MoeLoraLayer):
         x = self.moe_dropout[adapter_name](x)
         shared = self._all_experts(experts, x, 0) if config.shared_expert_pool else None
         state = None  # (N, F_l, d_l): aggregated states of the layer-l nodes, from their children
+        scaling, fan_out = config.layer_scaling, config.fan_out  # properties: computed once, not per level
         for level in range(config.num_layers):  # bottom-up (Eq. 3)
             all_out = shared if shared is not None else self._all_experts(experts, x, level)  # (N, s_l, d_{l+1})
             index = selected[level].unsqueeze(-1).expand(-1, -1, d[level + 1])
-            z = config.layer_scaling[level] * torch.gather(all_out, 1, index)  # (N, F_l, d_{l+1}) one per tree node
+            z = torch.gather(all_out, 1, index)  # (N, F_l, d_{l+1}) one per tree node
+            if scaling[level] != 1.0:  # 1.0 unless layer_lora_alpha is set: no multiply-by-one kernel
+                z = scaling[level] * z
             alpha = scores[level].to(z.dtype).unsqueeze(-1)  # (N, F_l, 1)
             slope = experts.get(f"act_{level}")
             if level == 0:
@@ -342,7 +345,7 @@ class SMoRELayer(MoeLoraLayer):
                 children = F.linear(activate(sigma, state, slope), experts[f"W_{level}"], experts[f"W_bias_{level}"])
                 message = alpha * (z + children) if config.activation_position == "child_v2" else alpha * z + children
             # Sum the f_l siblings of each parent: (N, F_{l+1}, f_l, d_{l+1}) -> (N, F_{l+1}, d_{l+1}).
-            state = message.view(num_tokens, -1, config.fan_out[level], d[level + 1]).sum(2)
+            state = message.view(num_tokens, -1, fan_out[level], d[level + 1]).sum(2)
         return F.linear(state.squeeze(1), experts["W_proj"], experts["W_proj_bias"])  # (N, out)
 
     @staticmethod
