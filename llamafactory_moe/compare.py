@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["PresetError", "Preset", "load_preset", "run_compare", "trainable_parameters"]
+__all__ = ["Preset", "PresetError", "load_preset", "run_compare", "trainable_parameters"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ TOP_LEVEL_KEYS = {
 }
 REQUIRED_KEYS = ("model", "template", "dataset", "dataset_dir", "runs", "eval")
 EVAL_KEYS = {
-    "config": "file in eval_configs/ (default commonsense_eval.py)",
+    "config": "file name in the checkout's eval_configs/ (default commonsense_eval.py), or a path to a config",
     "tasks": "list (or comma string) of tasks -> MOE_EVAL_TASKS",
     "limit": "first N examples per task -> MOE_EVAL_LIMIT",
     "mode": "gen | ppl | choice (whatever the eval config accepts) -> MOE_EVAL_MODE",
@@ -164,9 +164,14 @@ def load_preset(path: str | os.PathLike) -> Preset:
     unknown = sorted(set(evaluation) - set(EVAL_KEYS))
     if unknown:
         raise PresetError(f"{path}: unknown `eval` key(s) {unknown}; allowed: {sorted(EVAL_KEYS)}")
-    config = evaluation.get("config", "commonsense_eval.py")
-    if not (REPO_ROOT / "eval_configs" / config).is_file():
-        raise PresetError(f"{path}: `eval.config` ({config!r}) is not a file in {REPO_ROOT / 'eval_configs'}")
+    config = str(evaluation.get("config", "commonsense_eval.py"))
+    # A name is looked up in the source checkout's eval_configs/ (the wheel does not ship them); a path is used as is.
+    candidates = (Path(config).expanduser(), REPO_ROOT / "eval_configs" / config)
+    config_path = next((c for c in candidates if c.is_file()), None)
+    if config_path is None:
+        raise PresetError(f"{path}: `eval.config` ({config!r}) is not a file in {REPO_ROOT / 'eval_configs'} nor a "
+                          "path to one; name a config there (e.g. commonsense_eval.py) or give the path of a "
+                          "repository checkout's eval_configs/<file>")
     if "limit" in evaluation and not (isinstance(evaluation["limit"], int) and evaluation["limit"] >= 1):
         raise PresetError(f"{path}: `eval.limit` must be an integer >= 1 (or absent for all examples); "
                           f"got {evaluation['limit']!r}")
@@ -175,11 +180,13 @@ def load_preset(path: str | os.PathLike) -> Preset:
 
     tiny = raw.get("tiny_llama") or {}
     if tiny and raw["model"] != "@tiny_llama":
-        raise PresetError(f"{path}: `tiny_llama` is only read with `model: \"@tiny_llama\"`; got model {raw['model']!r}")
+        raise PresetError(f"{path}: `tiny_llama` is only read with `model: \"@tiny_llama\"`; "
+                          f"got model {raw['model']!r}")
     return Preset(path=path, description=str(raw.get("description", "")).strip(), model=str(raw["model"]),
                   tiny_llama=dict(tiny), template=str(raw["template"]), dataset=str(raw["dataset"]),
                   dataset_dir=str(raw["dataset_dir"]), dataset_info=raw.get("dataset_info"), train=dict(train),
-                  runs=runs, eval={**evaluation, "config": config}, output_dir=raw.get("output_dir"), raw=raw)
+                  runs=runs, eval={**evaluation, "config": str(config_path.resolve())},
+                  output_dir=raw.get("output_dir"), raw=raw)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,8 +212,8 @@ def resolve_model(preset: Preset) -> str:
 
 def resolve_dataset_dir(preset: Preset, out_dir: Path) -> str:
     """The ``dataset_dir`` LLaMA-Factory gets. With ``dataset_info``, a dataset_info.json with absolute file names is
-    written under ``out_dir`` (LLaMA-Factory joins dataset_dir and file_name, and an absolute file_name wins), so read-only
-    data folders such as ../shared/data/commonsense need no copy or symlink."""
+    written under ``out_dir`` (LLaMA-Factory joins dataset_dir and file_name, and an absolute file_name wins), so
+    read-only data folders such as ../shared/data/commonsense need no copy or symlink."""
     if preset.dataset_dir == "@packaged":
         from .data import demo_data_dir
 
@@ -332,7 +339,8 @@ def read_summary(eval_dir: Path, column: str) -> tuple[dict[str, float | None], 
         if row[2] == "naive_average":
             if row[0].endswith("-avg") and average is None:
                 average = number(row[col])
-        else:
+        elif row[0] not in scores:
+            # A task listed twice (choice mode: acc_norm and acc) has its headline metric first, which the average uses.
             scores[row[0]] = number(row[col])
     if average is None and scores and all(v is not None for v in scores.values()):
         average = sum(scores.values()) / len(scores)
@@ -405,7 +413,7 @@ def evaluate_run(preset: Preset, run_dir: Path, outcome: dict) -> dict:
     eval_log = run_dir / "eval.log"
     # cwd = eval_dir: OpenCompass writes ./tmp, ./.cache and ./icl_inference_output into the working directory.
     # --debug runs every task in this process and exits non-zero if one fails (without it OpenCompass exits 0).
-    argv = [_executable("opencompass"), str(REPO_ROOT / "eval_configs" / preset.eval["config"]), "--debug",
+    argv = [_executable("opencompass"), preset.eval["config"], "--debug",
             "-w", str(eval_dir / "out")]
     eval_seconds = _run_logged(argv, eval_log, eval_dir, _child_env(outcome["eval_env"]), "eval")
     try:
@@ -463,8 +471,9 @@ def build_table(preset: Preset, outcomes: list[dict]) -> tuple[list[str], list[l
     for outcome in outcomes:
         if outcome.get("failed"):
             step = outcome["failed"]["step"]
+            rest = [f"failed at {step}"] * (len(header) - 3)
             rows.append([outcome["name"], outcome["finetuning_type"], f"failed at {step}: see {outcome['failed']['log']}",
-                         *[f"failed at {step}"] * (len(header) - 3)])
+                         *rest])
             continue
         params = outcome["trainable_params"]
         ratio = f"{params / reference['trainable_params']:.2f}x" if reference else "no reference"
@@ -524,10 +533,26 @@ def plot_curves(outcomes: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def skipped_tasks(outcomes: list[dict]) -> list[str]:
+    """Requested tasks the eval config skipped (no test file), read from its warning in the eval logs; they get no
+    column, so comparison.md lists them."""
+    import re
+
+    found: dict[str, str] = {}
+    for outcome in outcomes:
+        log = Path(outcome.get("eval_log") or "")
+        if log.is_file():
+            for task, path in re.findall(r"skipping commonsense task `([^`]+)`: expected (\S+?),? which", log.read_text(
+                    errors="replace")):
+                found.setdefault(task, path)
+    return [f"`{task}` (no {path})" for task, path in found.items()]
+
+
 def write_outputs(preset: Preset, out_dir: Path, outcomes: list[dict]) -> str:
     header, rows = build_table(preset, outcomes)
     table = markdown_table(header, rows)
-    eval_desc = ", ".join(f"{k}={v}" for k, v in preset.eval.items() if k != "env")
+    skipped = skipped_tasks(outcomes)
+    eval_desc = ", ".join(f"{k}={Path(v).name if k == 'config' else v}" for k, v in preset.eval.items() if k != "env")
     notes = [
         f"# Method comparison: {preset.path.name}",
         "",
@@ -540,12 +565,15 @@ def write_outputs(preset: Preset, out_dir: Path, outcomes: list[dict]) -> str:
         "(start-up and saving included). Scores are accuracy in %.",
         "",
         table,
+        *([f"Requested but skipped by the eval config, so not in the table: {', '.join(skipped)}.", ""]
+          if skipped else []),
         "Loss curves: curves.png (LM loss = logged loss - aux loss; aux loss as logged).",
         "",
     ]
     (out_dir / "comparison.md").write_text("\n".join(notes))
     (out_dir / "comparison.json").write_text(json.dumps(
-        {"preset": str(preset.path), "header": header, "rows": rows, "runs": outcomes}, indent=2, default=str))
+        {"preset": str(preset.path), "header": header, "rows": rows, "skipped_tasks": skipped, "runs": outcomes},
+        indent=2, default=str))
     plot_curves(outcomes, out_dir / "curves.png")
     return table
 
@@ -569,7 +597,7 @@ def run_compare(preset: Preset, out_dir: Path, *, only: list[str] | None = None,
     outcomes: list[dict | None] = [None] * len(runs)
     failures = 0
     # --overlap-eval: one background thread runs run i's `opencompass` while the main thread trains run i + 1. Both
-    # are subprocesses, so the thread only waits; on tiny models both are start-up bound and this nearly halves the time.
+    # are subprocesses, so the thread only waits; on tiny models both are start-up bound, so the overlap saves time.
     pool = ThreadPoolExecutor(max_workers=1) if overlap_eval else None
     pending: list[tuple[int, str, Future]] = []
 

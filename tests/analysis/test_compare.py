@@ -1,5 +1,6 @@
-"""`llamafactory-moe compare`: preset validation (fast), and the real command end to end on configs/compare/tiny.yaml
-(stock `llamafactory-cli train` and `opencompass` subprocesses for every run), its outputs, resume and failure report."""
+"""`llamafactory-moe compare`: preset validation (fast), and the real command end to end on
+configs/compare/tiny.yaml (stock `llamafactory-cli train` and `opencompass` subprocesses for every run), its outputs,
+resume and failure report."""
 
 from __future__ import annotations
 
