@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="evaluate each run while the next one trains (faster for tiny models; on real models "
                               "both compete for the same cores)")
     compare.set_defaults(func=run_compare)
+    from .analysis.analyze import add_parser as add_analyze_parser
+
+    add_analyze_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

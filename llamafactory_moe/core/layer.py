@@ -128,6 +128,28 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
     def apply_step_statistics(self, reduced: list[torch.Tensor]) -> None:
         """Use the rank-summed statistics once per optimizer step, then reset them."""
 
+    # -- expert weights for analysis (expert similarity) -------------------------------------------------------------
+    # (A, B) container names of the paired expert layout A: (E*r, in), B: (out, E*r) (core.experts.paired_experts);
+    # None: the method overrides `expert_weight_vectors` or has no experts.
+    paired_expert_names: ClassVar[Optional[tuple[str, str]]] = None
+
+    @torch.no_grad()
+    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(E, n)``: expert ``e``'s weights flattened into one row, the experts being the ones routing statistics
+        count (``record_routing``). Default: ``[vec A_e, vec B_e]`` of the paired layout; None when the method has no
+        experts to compare (MoSLoRA). Called on logging steps and by ``analyze``, never in ``forward``."""
+        if self.paired_expert_names is None:
+            return None
+        a_name, b_name = self.paired_expert_names
+        A, B = getattr(self, a_name)[adapter_name], getattr(self, b_name)[adapter_name]
+        num_experts = self.moe_config[adapter_name].num_experts
+        if A.numel() == 0 or B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
+            return None
+        rank = A.shape[0] // num_experts
+        A_e = A.reshape(num_experts, rank * A.shape[1])  # rows e*r .. (e+1)*r of A
+        B_e = B.reshape(B.shape[0], num_experts, rank).transpose(0, 1).reshape(num_experts, -1)  # columns of B
+        return torch.cat([A_e, B_e], dim=1).float()
+
     # -- merge -------------------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         config = self.moe_config[adapter_name]

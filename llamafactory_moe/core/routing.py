@@ -81,23 +81,23 @@ def record_routing(layer, routing_weights: torch.Tensor, selected: Optional[torc
                    token_mask: Optional[torch.Tensor]) -> None:
     """Hand per-expert load statistics of one layer to the aux-loss window (only when statistics are requested).
 
-    Cheap enough to leave on: it runs only on logging steps and reduces ``(N, E)`` to a few ``(E,)`` vectors.
-    ``selected`` None means every expert takes every token (dense routing).
+    Cheap enough to leave on: it runs only on logging steps, reduces ``(N, E)`` to a few ``(E,)`` vectors with
+    matrix-vector products (padding weighted 0: no boolean indexing, so no host sync). ``selected`` None means every
+    expert takes every token (dense routing). The summaries are defined in ``analysis.statistics``.
     """
     if not aux_loss.wants_routing():
         return
     with torch.no_grad():
-        weights = routing_weights.float()
-        chosen = torch.ones_like(weights) if selected is None else selected.float()
-        if token_mask is not None:
-            weights = weights[token_mask]
-            chosen = chosen[token_mask]
+        weights = routing_weights.float()  # (N, E)
         probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)
+        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # (N,) nats
+        token_weights = (torch.ones(weights.shape[0], dtype=weights.dtype, device=weights.device)
+                         if token_mask is None else token_mask.to(weights.dtype))  # (N,) 1 real, 0 padding
+        tokens = token_weights.sum()
         aux_loss.record_routing(
             getattr(layer, "moe_layer_name", layer.__class__.__name__),
-            tokens=torch.tensor(float(weights.shape[0])),
-            load=chosen.sum(0),
-            mass=weights.sum(0),
-            entropy_sum=entropy.sum(),
+            tokens=tokens,
+            load=tokens.expand(weights.shape[1]).clone() if selected is None else token_weights @ selected.float(),
+            mass=token_weights @ weights,
+            entropy_sum=token_weights @ entropy,
         )

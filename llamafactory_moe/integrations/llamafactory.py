@@ -23,11 +23,14 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from ..core.errors import MoeConfigError, check_float
+from ..analysis.statistics import accumulate, expert_similarity, model_expert_vectors, routing_metrics
 from ..core.step_hooks import apply_optimizer_step_updates
 from .patching import FAILED_PATCHES, Patch
 
 VERIFIED = "llamafactory 0.9.5"
-ROUTING_METRICS = ("moe_load_cv", "moe_router_entropy", "moe_inactive_expert_frac")
+ROUTING_METRICS = ("moe_load_cv", "moe_router_entropy", "moe_dropped_expert_frac", "moe_inactive_expert_frac",
+                   "moe_expert_similarity")
+ROUTING_LOG = "moe_routing_log.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -486,9 +489,7 @@ class _MoeLogAccumulator:
         self.steps += 1
         for layer_name, records in window.routing.items():
             for record in records:
-                acc = self.routing.setdefault(layer_name, {})
-                for k, v in record.items():
-                    acc[k] = acc[k] + v if k in acc else v.clone()
+                accumulate(self.routing.setdefault(layer_name, {}), record)
 
 
 def _is_moe_model(model) -> bool:
@@ -535,20 +536,27 @@ def _wrap_compute_loss(original, module):
     return compute_loss
 
 
-def _routing_metrics(routing: dict[str, Any]) -> dict[str, float]:
-    import torch
-
+def _routing_metrics(trainer, routing: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Overall ``moe_*`` routing scalars and per-layer statistics (definitions: ``analysis.statistics``); expert
+    similarity is read from the weights here, on logging steps only."""
     if not routing:
-        return {}
-    cvs, entropies, inactive = [], [], []
-    for stats in routing.values():
-        load = stats["load"].float()
-        fraction = load / load.sum().clamp_min(1e-20)
-        cvs.append(float(fraction.std(unbiased=False) / fraction.mean().clamp_min(1e-20)) if load.numel() > 1 else 0.0)
-        entropies.append(float(stats["entropy_sum"] / stats["tokens"].clamp_min(1.0)))
-        inactive.append(float((load == 0).float().mean()))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"moe_load_cv": mean(cvs), "moe_router_entropy": mean(entropies), "moe_inactive_expert_frac": mean(inactive)}
+        return {}, {}
+    model = getattr(trainer, "model", None)
+    vectors = model_expert_vectors(model) if model is not None else {}
+    similarities = {name: expert_similarity(v) for name, v in vectors.items()}
+    return routing_metrics(routing, {k: v for k, v in similarities.items() if v is not None})
+
+
+def _write_routing_log(trainer, per_layer: dict[str, dict]) -> None:
+    """One row per logging step in ``<output_dir>/moe_routing_log.jsonl`` (main process only; its own batches)."""
+    is_main = getattr(trainer, "is_world_process_zero", lambda: True)()
+    output_dir = getattr(trainer.args, "output_dir", None)
+    if not per_layer or not is_main or not output_dir:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    row = {"step": int(getattr(getattr(trainer, "state", None), "global_step", 0)), "layers": per_layer}
+    with open(os.path.join(output_dir, ROUTING_LOG), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _wrap_log(original, module):
@@ -558,9 +566,11 @@ def _wrap_log(original, module):
             import torch
 
             metrics = {k: v / accumulator.steps for k, v in sorted(accumulator.sums.items())}
-            metrics.update(_routing_metrics(accumulator.routing))
+            routing, per_layer = _routing_metrics(self, accumulator.routing)
+            metrics.update(routing)
+            _write_routing_log(self, per_layer)
             keys = sorted(metrics)
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float32,
+            values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float32,
                                   device=getattr(self.args, "device", "cpu"))
             # Every rank logs at the same steps (transformers gathers the loss here too), so this collective is safe.
             if getattr(self.args, "world_size", 1) > 1:

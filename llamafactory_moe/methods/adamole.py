@@ -102,6 +102,7 @@ def threshold_routing(router_logits: torch.Tensor, threshold_logits: torch.Tenso
 class AdaMoLELayer(MoeLoraLayer):
     adapter_layer_names = ("adamole_A", "adamole_B", "adamole_router", "adamole_threshold",
                            "adamole_threshold_bias")
+    paired_expert_names = ("adamole_A", "adamole_B")
 
     def create_adapter(self, adapter_name: str, config: AdaMoLEConfig) -> None:
         total_rank = config.num_experts * config.expert_rank

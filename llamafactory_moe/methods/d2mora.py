@@ -155,6 +155,16 @@ class D2MoRALayer(MoeLoraLayer):
         return routed_up_projection(h, B, weights_up) * config.scaling
 
 
+    @torch.no_grad()
+    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(N, out*r)``: the up-experts B_j, which router 2 routes (the ones routing statistics count); the A-experts'
+        diversity is in the logged `moe_diversity_loss`."""
+        B = self.d2mora_B[adapter_name]
+        if B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
+            return None
+        N = self.moe_config[adapter_name].num_experts
+        return B.reshape(B.shape[0], N, -1).transpose(0, 1).reshape(N, -1).float()
+
 class D2MoRAModel(MoeLoraTuner):
     prefix = "d2mora_"
     tuner_layer_cls = D2MoRALayer

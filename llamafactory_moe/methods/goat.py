@@ -157,6 +157,7 @@ def _is_distributed() -> bool:
 
 class GoatLayer(MoeLoraLayer):
     adapter_layer_names = ("goat_A", "goat_B", "goat_router")
+    paired_expert_names = ("goat_A", "goat_B")
     buffer_names = ("goat_A_init", "goat_B_init")
 
     def create_adapter(self, adapter_name: str, config: GoatConfig) -> None:

@@ -97,6 +97,15 @@ class HydraLoRALayer(MoeLoraLayer):
         return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights) * config.scaling
 
 
+    @torch.no_grad()
+    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(N, out*r)``: the heads B_j (column blocks of B); the shared A is the same for every head."""
+        B = self.hydralora_B[adapter_name]
+        if B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
+            return None
+        N = self.moe_config[adapter_name].num_experts
+        return B.reshape(B.shape[0], N, -1).transpose(0, 1).reshape(N, -1).float()
+
 class HydraLoRAModel(MoeLoraTuner):
     prefix = "hydralora_"
     tuner_layer_cls = HydraLoRALayer

@@ -43,6 +43,7 @@ class MoELoRAConfig(MoeLoraConfig):
 
 class MoELoRALayer(MoeLoraLayer):
     adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router")
+    paired_expert_names = ("moelora_A", "moelora_B")
 
     def create_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
         total_rank = config.num_experts * config.expert_rank

@@ -136,6 +136,7 @@ class SMoRAConfig(MoeLoraConfig):
 
 class SMoRALayer(MoeLoraLayer):
     adapter_layer_names = ("smora_A", "smora_B", "smora_router", "smora_trainable_bias")
+    paired_expert_names = ("smora_A", "smora_B")  # the r rank-1 experts: rows of A, columns of B
     buffer_names = ("smora_bias",)
 
     def __init__(self, *args, **kwargs) -> None:

@@ -449,6 +449,18 @@ class SMoRELayer(MoeLoraLayer):
         return index, alpha
 
 
+    @torch.no_grad()
+    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(s_top, n)``: the top S'MoRE layer's experts ``[vec A^e, a^e, vec B^e, b^e]`` (the layer whose routing is
+        recorded; with S'MoRE# the one shared pool)."""
+        config: SMoREConfig = self.moe_config[adapter_name]
+        experts = self.smore_experts[adapter_name]
+        pool = 0 if config.shared_expert_pool else config.num_layers - 1
+        parts = [experts[f"{name}_{pool}"] for name in ("A", "A_bias", "B", "B_bias")]
+        if any(p.numel() == 0 for p in parts):  # DeepSpeed ZeRO-3 partition outside forward
+            return None
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1).float()
+
 class SMoREModel(MoeLoraTuner):
     prefix = "smore_"
     tuner_layer_cls = SMoRELayer

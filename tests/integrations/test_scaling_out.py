@@ -193,7 +193,7 @@ def _log_worker(rank: int, port: str, out_dir: str) -> None:
     accumulator.sums = {"moe_aux_loss": [2.0, 3.0][rank], "moe_balance_loss": [1.0, 6.0][rank]}
     accumulator.steps = [2, 1][rank]
     load = [torch.tensor([4.0, 0.0]), torch.tensor([1.0, 1.0])][rank]  # rank 0: one idle expert; rank 1: balanced
-    accumulator.routing = {"layer": {"load": load, "entropy_sum": torch.tensor([0.0, 2.0][rank]),
+    accumulator.routing = {"layer": {"load": load, "mass": load.clone(), "entropy_sum": torch.tensor([0.0, 2.0][rank]),
                                      "tokens": torch.tensor(4.0)}}
     trainer = SimpleNamespace(args=SimpleNamespace(world_size=2, device="cpu"), accelerator=Accelerator(cpu=True))
     trainer.__dict__["_moe_log_accumulator"] = accumulator
@@ -216,5 +216,6 @@ def test_moe_metrics_are_averaged_across_ranks(tmp_path):
     assert got["moe_balance_loss"] == pytest.approx((0.5 + 6.0) / 2)
     assert got["moe_inactive_expert_frac"] == pytest.approx((0.5 + 0.0) / 2)  # one of two experts idle on rank 0
     assert got["moe_load_cv"] == pytest.approx((1.0 + 0.0) / 2)  # per-rank cv of [1, 0] is 1, of [.5, .5] is 0
-    assert got["moe_router_entropy"] == pytest.approx((0.0 + 0.5) / 2)
+    assert got["moe_router_entropy"] == pytest.approx((0.0 + 0.5 / math.log(2)) / 2)  # nats per token / log E
+    assert got["moe_dropped_expert_frac"] == pytest.approx((0.5 + 0.75) / 2)  # 1 - selections / (tokens * E)
     assert got["loss"] == 1.0
