@@ -199,8 +199,8 @@ def _grid(plt, count: int, panel: tuple[float, float]):
     return fig, list(axes.flat[:count])
 
 
-def _expert_ticks(ax, num_experts: int) -> None:
-    step = max(1, math.ceil(num_experts / 16))
+def _expert_ticks(ax, num_experts: int, max_ticks: int = 16) -> None:
+    step = max(1, math.ceil(num_experts / max_ticks))
     ax.set_xticks(range(0, num_experts, step))
 
 
@@ -264,7 +264,7 @@ def plot_all(result: dict, shown: list[str], out_dir: Path, title: str) -> list[
             ax.set_title(f"{short_name(layer)}  mean|cos| {sim['mean_abs_cos']:.2f}")
             ax.set_xlabel("expert")
             ax.set_ylabel("expert")
-            _expert_ticks(ax, matrix.shape[0])
+            _expert_ticks(ax, matrix.shape[0], max_ticks=8)  # square panels: fewer labels than the heatmaps
             ax.set_yticks(ax.get_xticks())
         fig.colorbar(image, ax=axes, label="cosine similarity of expert weights", shrink=0.9)
         fig.suptitle(f"{title}: expert weight similarity")
@@ -272,23 +272,32 @@ def plot_all(result: dict, shown: list[str], out_dir: Path, title: str) -> list[
         plt.close(fig)
         written.append(FIGURES[2])
 
-    # 4. every layer against depth.
+    # 4. every layer against depth: one line per module type (q_proj, ...) over the decoder layer index, which reads
+    # better than all wrapped modules in a row (their types alternate, so one line would zigzag).
     layers = result["layers"]
     overall = result["all_tasks"]["layers"]
-    x = np.arange(len(layers))
-    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.12 * len(layers) + 4), 8), sharex=True,
+    positions = {}
+    for i, layer in enumerate(layers):
+        match = re.search(r"layers\.(\d+)\..*?([^.]+)$", layer)
+        positions[layer] = (int(match.group(1)), match.group(2)) if match else (i, "MoE layers")
+    modules = list(dict.fromkeys(module for _, module in positions.values()))
+    depth = sorted({d for d, _ in positions.values()})
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.25 * len(depth) + 4), 8), sharex=True,
                              constrained_layout=True)
     series = [("load_cv", "load CV (0 = balanced)"), ("router_entropy", "router entropy / log E"),
-              ("expert_similarity", "expert similarity (mean |cos|)")]
+              ("expert_similarity", "expert similarity\n(mean |cos|)")]
     for ax, (key, label) in zip(axes, series):
-        values = [overall[layer].get(key) if key != "expert_similarity"
-                  else result["expert_similarity"].get(layer, {}).get("mean_abs_cos") for layer in layers]
-        ax.plot(x, [np.nan if v is None else v for v in values], marker="o", markersize=3)
+        for j, module in enumerate(modules):
+            members = [layer for layer in layers if positions[layer][1] == module]
+            values = [overall[layer].get(key) if key != "expert_similarity"
+                      else result["expert_similarity"].get(layer, {}).get("mean_abs_cos") for layer in members]
+            ax.plot([positions[layer][0] for layer in members], [np.nan if v is None else v for v in values],
+                    marker="o", markersize=3, color=colors(j % 10), label=module)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    step = max(1, math.ceil(len(layers) / 40))
-    axes[-1].set_xticks(x[::step], [short_name(layer) for layer in layers][::step], rotation=90, fontsize=8)
-    axes[-1].set_xlabel("MoE layer (model order)")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, title="module")
+    axes[-1].set_xlabel("decoder layer" if len(modules) > 1 or modules[0] != "MoE layers" else "MoE layer")
+    axes[-1].set_xticks(depth[::max(1, math.ceil(len(depth) / 32))])
     fig.suptitle(f"{title}: routing statistics of every layer (all tasks)")
     fig.savefig(out_dir / FIGURES[3], dpi=110)
     plt.close(fig)
