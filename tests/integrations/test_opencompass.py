@@ -409,6 +409,28 @@ def test_opencompass_ppl_on_smollm2(tmp_path):
         assert _is_number(scores.get(row, "-")) and 0 <= float(scores[row]) <= 100, scores
 
 
+@pytest.mark.slow
+@needs_shared_data
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
+                    reason="SmolLM2 not prepared; run `python -m llamafactory_moe.models`")
+def test_opencompass_choice_on_smollm2_is_above_chance(tmp_path):
+    """A real pretrained model, no adapter: option-text likelihood beats chance where label PPL could not.
+
+    ARC-Easy, first 40 questions, 4 options (chance 25%): SmolLM2-135M-Instruct scored 45% acc_norm and 47.5% acc
+    when this test was written (eval_configs/README.md has all tasks on 100 examples, and label PPL at chance on
+    BoolQ and PIQA). The 37.5% bar (15 of 40; chance expects 10 and reaches 15 with p = 0.054) leaves a 3-question
+    margin for numerical drift.
+    """
+    result = run_opencompass("commonsense_eval.py", dict(MOE_BASE_MODEL=str(SMOLLM2), MOE_EVAL_MODE="choice",
+                                                         MOE_EVAL_TASKS="arc-e", MOE_EVAL_LIMIT="40"),
+                             tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    with sorted((tmp_path / "out").glob("*/summary/summary_*.csv"))[-1].open() as handle:
+        cells = {(row[0], row[2]): row[4] for row in csv.reader(handle)}
+    assert float(cells[("arc-e-choice", "acc_norm")]) >= 37.5, cells
+    assert float(cells[("arc-e-choice", "acc")]) >= 37.5, cells
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Stock OpenCompass dataset configs on local files
 # ---------------------------------------------------------------------------------------------------------------------
