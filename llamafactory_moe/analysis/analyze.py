@@ -314,6 +314,10 @@ def analyze(args: argparse.Namespace) -> dict:
     from .statistics import accumulate, cosine_similarity_matrix, expert_similarity, model_expert_vectors, \
         routing_metrics
 
+    for flag, value in (("--max-samples", args.max_samples), ("--max-layers", args.max_layers),
+                        ("--cutoff-len", args.cutoff_len)):
+        if value < 1:
+            raise AnalyzeError(f"{flag} must be >= 1; got {value}")
     method = check_adapter(args.adapter)
     dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
     if dataset_dir is None:
@@ -331,9 +335,15 @@ def analyze(args: argparse.Namespace) -> dict:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         base = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a missing path or an invalid hub id
         raise AnalyzeError(f"--model {args.model}: cannot be loaded ({str(exc).splitlines()[0]})") from None
-    model = PeftModel.from_pretrained(base, args.adapter).eval()
+    try:
+        model = PeftModel.from_pretrained(base, args.adapter).eval()
+    except RuntimeError as exc:  # size mismatch: the adapter was trained on another base model
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise AnalyzeError(f"--adapter {args.adapter}: does not fit --model {args.model} ({detail}); use the base "
+                           "model it was trained on") from None
     encode = _encoder(tokenizer, args.template, args.cutoff_len)
 
     routing = collect_routing(model, tasks, encode)
