@@ -475,12 +475,15 @@ class _MoeLogAccumulator:
     """Detached aux-loss and routing statistics since the last log, per rank."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}  # detached scalar tensors, read back to the host only when logging
         self.steps = 0
         self.routing: dict[str, Any] = {}
 
     def add(self, window) -> None:
-        terms = window.detached_terms()
+        # Coefficient-weighted sums over layers, as `window.detached_terms()` but kept as tensors: a float() here would
+        # wait for the device on every micro-batch.
+        terms = {name: sum(coef * value.detach().float() for coef, value in values)
+                 for name, values in window.terms.items()}
         total = sum(terms.values())
         self.sums["moe_aux_loss"] = self.sums.get("moe_aux_loss", 0.0) + total
         for name, value in terms.items():
