@@ -167,8 +167,10 @@ def to_markdown(result: dict, header: str = "") -> str:
         f"median of {s['train_reps']} interleaved steps after {s['train_warmup']} untimed step(s) per variant "
         "(the first of them measures peak memory).",
         f"Single layer: Linear({s['layer_dim']}, {s['layer_dim']}) on {s['layer_tokens']} tokens, forward + backward, "
-        f"median of {s['layer_reps']} after {s['layer_warmup']} warm-up. Op counts: Linear(256, 256), 32 tokens "
-        "(8 padding), training forward + aux loss + backward, counted with a TorchDispatchMode. "
+        f"median of {s['layer_reps']} after {s['layer_warmup']} warm-up. Op counts: what one more wrapped Linear(256, "
+        "256) adds to a training forward + aux loss + backward on 32 tokens (8 padding): the count for a stack of two "
+        "minus the count for one (per-batch work such as the padding mask's token weights cancels out), counted with a "
+        "TorchDispatchMode. "
         "Kernel ops exclude views and aliases (ops whose schema returns an unwritten alias of an input: view, t, "
         "expand, detach, ...), which launch no kernel; the <= target applies to kernel ops, the flat-in-E check to "
         "both counts.",

@@ -16,7 +16,7 @@ import torch
 from .cases import BenchCase, cases_for
 from .measure import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, AtenOpCounter, Timer, interleaved_times, median,
                       step_peak_bytes)
-from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, build_config, generate_fn, layer_fwd_bwd,
+from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, LinearStack, build_config, generate_fn, layer_fwd_bwd,
                         lora_params_per_rank, modifies_base, shared_copy, smollm2, tiny_llama, train_variant,
                         trainable_params, wrap)
 
@@ -260,11 +260,26 @@ def _layer_variants(cases: list[BenchCase], lora_ranks: list[int], errors: dict)
 
 def _count_layer_ops(case: Optional[BenchCase], rank: Optional[int], num_experts: Optional[int], seed: int,
                      device: torch.device, dim: int = 256, tokens: int = 32) -> AtenOpCounter:
-    """aten ops of one training forward + backward of a wrapped ``Linear(dim, dim)`` on ``tokens`` tokens, a quarter
-    of them padding (the token mask reaches the aux losses as in training)."""
+    """aten ops that one more wrapped layer adds to a training forward + backward: the count for a stack of two wrapped
+    ``Linear(dim, dim)`` minus the count for one, on ``tokens`` tokens, a quarter of them padding (the token mask
+    reaches the aux losses as in training).
+
+    The difference is what a layer costs inside a deep model: work done once per batch whatever the depth (the
+    token weights of the padding mask, which every layer shares; summing the layers' aux terms) cancels out. Host
+    syncs are those of the two-layer run."""
+    one, two = (_count_stack_ops(case, rank, num_experts, seed, device, dim, tokens, depth) for depth in (1, 2))
+    marginal = AtenOpCounter()
+    marginal.counts = two.counts - one.counts
+    marginal.kernel_counts = two.kernel_counts - one.kernel_counts
+    marginal.syncs = two.syncs
+    return marginal
+
+
+def _count_stack_ops(case: Optional[BenchCase], rank: Optional[int], num_experts: Optional[int], seed: int,
+                     device: torch.device, dim: int, tokens: int, depth: int) -> AtenOpCounter:
     torch.manual_seed(seed)
-    container = LinearContainer(torch.nn.Linear(dim, dim)).to(device).requires_grad_(False)
-    model = wrap(container, build_config(case, ["proj"], lora_rank=rank, num_experts=num_experts), seed)
+    stack = LinearStack(dim, depth).to(device).requires_grad_(False)
+    model = wrap(stack, build_config(case, ["proj"], lora_rank=rank, num_experts=num_experts), seed)
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
     token_mask = torch.ones(tokens, dtype=torch.bool, device=device)
     token_mask[-tokens // 4:] = False

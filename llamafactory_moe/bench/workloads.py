@@ -142,6 +142,19 @@ class LinearContainer(nn.Module):
         return self.proj(x)
 
 
+class LinearStack(nn.Module):
+    """``depth`` linears named ``layers.<i>.proj``, applied in sequence (for per-layer op counts)."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(LinearContainer(nn.Linear(dim, dim)) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 def layer_fwd_bwd(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
                   token_mask: Optional[torch.Tensor] = None) -> Callable[[], None]:
     """One training forward + backward of a single wrapped layer (aux terms included, as in training)."""

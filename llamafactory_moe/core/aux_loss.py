@@ -49,21 +49,44 @@ class AuxLossWindow:
             return None  # e.g. DPO's concatenated batch, or a layer that sees a different token layout
         return self._flat_mask
 
+    def term_totals(self, detach: bool = False) -> dict[str, torch.Tensor]:
+        """Per term, the coefficient-weighted sum over layers as a float32 scalar tensor (0 for a term whose
+        coefficient is 0)."""
+        totals = {}
+        for name, values in self.terms.items():
+            total = _weighted_sum(values, detach, skip_zero=not detach)
+            totals[name] = total if total is not None else values[0][1].new_zeros((), dtype=torch.float32).detach()
+        return totals
+
     def weighted_total(self) -> Optional[torch.Tensor]:
+        """The sum of every term's coefficient-weighted total (what is added to the loss), or None without terms.
+        Terms with coefficient 0 add nothing, not even a zero node to the graph."""
         total = None
         for values in self.terms.values():
-            for coef, value in values:
-                if coef == 0.0:
-                    continue
-                total = coef * value if total is None else total + coef * value
+            term = _weighted_sum(values, detach=False, skip_zero=True)
+            if term is not None:
+                total = term if total is None else total + term
         return total
 
     def detached_terms(self) -> dict[str, float]:
         """Per term: the coefficient-weighted sum over layers (what was added to the loss)."""
-        out = {}
-        for name, values in self.terms.items():
-            out[name] = float(sum(coef * value.detach().float() for coef, value in values))
-        return out
+        return {name: float(value) for name, value in self.term_totals(detach=True).items()}
+
+
+def _weighted_sum(values: list[tuple[float, torch.Tensor]], detach: bool, skip_zero: bool) -> Optional[torch.Tensor]:
+    """``sum_i coef_i * value_i`` with the values of one coefficient stacked and summed: three kernels per coefficient
+    whatever the number of layers, and one multiply in the backward (a per-layer ``total + coef * value`` chain costs
+    two kernels per layer forward and one backward)."""
+    groups: dict[float, list[torch.Tensor]] = defaultdict(list)
+    for coef, value in values:
+        if not (skip_zero and coef == 0.0):
+            groups[coef].append(value.detach() if detach else value)
+    total = None
+    for coef, group in groups.items():
+        device = group[0].device  # layers of a model split over devices (device_map) meet on the first one's
+        part = torch.stack([v.to(device=device, dtype=torch.float32) for v in group]).sum() * coef
+        total = part if total is None else total + part
+    return total
 
 
 _window: Optional[AuxLossWindow] = None

@@ -115,6 +115,12 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         if self.training:
             aux_loss.record(term, value, coef)
 
+    def wants_routing_statistics(self) -> bool:
+        """Whether router probabilities and selection masks are needed: for balance losses (training) or for routing
+        logs. Generation needs neither and skips their kernels. (Recomputation under gradient checkpointing runs in
+        training mode, so it repeats the original forward's differentiable ops exactly.)"""
+        return self.training or aux_loss.wants_routing()
+
     def token_mask(self, num_tokens: int) -> Optional[torch.Tensor]:
         """Bool ``(N,)`` mask of non-padding tokens for the current training batch, or None."""
         return aux_loss.token_mask(num_tokens) if self.training else None

@@ -2,8 +2,8 @@
 
 Conventions (Mixtral's names): ``router_logits`` are pre-normalisation scores, ``router_probs`` their softmax (always
 float32: a bf16 softmax over experts loses the small differences routing depends on), ``routing_weights`` the dense
-``[N, E]`` gate actually applied (zero for experts a token does not use) and ``selected`` the bool mask of used
-experts. Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python loop.
+``[N, E]`` gate actually applied (zero for experts a token does not use) and ``selected`` the mask of used experts
+(bool or float 0/1). Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python loop.
 """
 
 from __future__ import annotations
@@ -15,35 +15,66 @@ import torch
 from . import aux_loss
 
 
-def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True,
+                  statistics: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Softmax over experts, keep the top-k per token, optionally renormalise the kept probabilities.
 
     Args:
         router_logits: ``(N, E)``.
         top_k: experts per token; ``None`` or ``E`` keeps all (soft routing).
+        statistics: also return ``router_probs`` and ``selected`` (for balance losses and routing logs). Pass
+            ``self.training or aux_loss.wants_routing()``: inference needs neither, and skips their kernels.
     Returns:
-        ``(routing_weights (N, E) fp32, router_probs (N, E) fp32, selected (N, E) bool)``.
+        ``(routing_weights (N, E) fp32, router_probs (N, E) fp32 | None, selected (N, E) float 0/1 | None)``;
+        ``selected`` is None with soft routing (every expert takes every token).
     """
-    router_probs = torch.softmax(router_logits.float(), dim=-1)
-    num_experts = router_probs.shape[-1]
+    logits = router_logits.float()
+    num_experts = logits.shape[-1]
     if top_k is None or top_k >= num_experts:
-        selected = torch.ones_like(router_probs, dtype=torch.bool)
-        return router_probs, router_probs, selected
+        router_probs = torch.softmax(logits, dim=-1)
+        return router_probs, router_probs, None
     # A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified),
-    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does. Only the indices are
-    # used (the values are gathered below), so the sort needs no backward.
-    top_indices = torch.argsort(router_probs.detach(), dim=-1, descending=True, stable=True)[..., :top_k]
-    selected = torch.zeros_like(router_probs, dtype=torch.bool).scatter_(-1, top_indices, True)
+    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does. The softmax is
+    # monotonic, so the logits sort like the probabilities; only the indices are used, so the sort needs no backward.
+    top_indices = torch.argsort(logits.detach(), dim=-1, descending=True, stable=True)[..., :top_k]
+    # 0 on the kept experts, -inf elsewhere. Added to the logits it drops the others from a softmax: renormalised
+    # top-k weights in one softmax, whose backward is one kernel (the add of a constant has a free backward), instead
+    # of gather -> softmax -> scatter and their three backward kernels.
+    keep_bias = torch.full_like(logits, float("-inf")).scatter_(-1, top_indices, 0.0)
+    router_probs = torch.softmax(logits, dim=-1) if statistics or not renormalize else None
+    selected = keep_bias.exp() if statistics or not renormalize else None  # exp(0) = 1 kept, exp(-inf) = 0 dropped
     if renormalize:
-        # The kept probabilities divided by their sum are a softmax over the kept logits (Switch / Mixtral); the
-        # softmax form is one op each way instead of a sum, a division and their backward.
-        top_weights = torch.softmax(router_logits.float().gather(-1, top_indices), dim=-1)
+        # The kept probabilities divided by their sum are a softmax over the kept logits (Switch / Mixtral).
+        routing_weights = torch.softmax(logits + keep_bias, dim=-1)
     else:
-        top_weights = router_probs.gather(-1, top_indices)
-    # Scattering the k kept weights into the dense (N, E) gate: its backward is a gather.
-    routing_weights = torch.zeros_like(router_probs).scatter(-1, top_indices, top_weights)
+        routing_weights = router_probs * selected
+    if not statistics:
+        return routing_weights, None, None
     return routing_weights, router_probs, selected
+
+
+class _SumNormalize(torch.autograd.Function):
+    """``w = v / sum_e v_e`` over the last axis, a zero sum replaced by 1 (the row stays 0, with the gradient of a
+    division by 1). The backward is written out: ``dL/dv = (g - sum_e g_e w_e) / total`` is four kernels, where
+    autograd's division backward with a broadcast denominator and a guard takes nine."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor) -> torch.Tensor:
+        total = values.sum(dim=-1, keepdim=True)
+        total = total.masked_fill(total == 0, 1.0)
+        weights = values / total
+        ctx.save_for_backward(weights, total)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, total = ctx.saved_tensors
+        return (grad - (grad * weights).sum(dim=-1, keepdim=True)) / total
+
+
+def sum_normalize(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative per-expert scores ``(N, E)`` divided by their sum over experts (a row summing to 0 stays 0)."""
+    return _SumNormalize.apply(values)
 
 
 def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -65,9 +96,10 @@ def switch_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor,
     # Both token means are one matrix-vector product with the per-token weights 1/n_real (0 for padding), which every
     # layer of a batch shares (cached by the aux-loss window).
     weights = aux_loss.token_weights(token_mask, num_tokens, router_probs.dtype, router_probs.device)
-    fraction_routed = torch.mv(selected.to(router_probs.dtype).t(), weights)  # (E,)
+    # E rides on the routed fraction, which has no gradient: no multiply kernel in the backward.
+    fraction_routed = torch.mv(selected.to(router_probs.dtype).t(), weights) * num_experts  # (E,)
     mean_prob = torch.mv(router_probs.t(), weights)  # (E,)
-    return torch.dot(fraction_routed, mean_prob) * num_experts
+    return torch.dot(fraction_routed, mean_prob)
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -16,8 +16,9 @@ decreasing in tau (dL/dtau = -E * sum_e f_e < 0), it also pushes thresholds up, 
 Reference code: zefang-liu/AdaMoLE@5e8599a7ad6f (specs/methods_d2mora_goat_adamole.md §3).
 
 Deviations:
-- A token with no active expert (possible only when `max_threshold` > 1/E) or with sum_j m_j a_j = 0 (p_e == tau
-  exactly, where upstream outputs zero) falls back to its top-1 expert with weight 1.
+- A token with no active expert (possible only when `max_threshold` > 1/E, which upstream does not guard) falls back
+  to its top-1 expert with weight 1. With `max_threshold` <= 1/E, as upstream, a token whose active experts all sit
+  exactly on tau (sum_j m_j a_j = 0) gets weight 0 everywhere.
 - The aux loss ignores padding tokens and is recorded only while training (upstream adds a stale value to the eval
   loss, §3.9.3). One dropout mask is shared by all experts (upstream draws one per expert).
 - Experts run as one stacked GEMM pair with a dense gate (no per-expert loop or extra expert-0 pass, §3.9.1).
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_float
 from ..core.experts import paired_experts
-from ..core.routing import record_routing, switch_balance_loss
+from ..core.routing import record_routing, sum_normalize, switch_balance_loss
 
 
 @dataclass
@@ -74,28 +75,35 @@ class AdaMoLEConfig(MoeLoraConfig):
         return 1.0 / self.num_experts if self.max_threshold is None else float(self.max_threshold)
 
 
-def threshold_routing(router_logits: torch.Tensor, threshold_logits: torch.Tensor, max_threshold: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def threshold_routing(router_logits: torch.Tensor, threshold_logits: torch.Tensor, max_threshold: float,
+                      statistics: bool = True) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """AdaMoLE's threshold activation.
 
     Args:
         router_logits: ``(N, E)``; threshold_logits: ``(N, 1)`` (``w_t^T x + b_t``).
+        statistics: also return the activation mask (for the balance loss and routing logs).
     Returns:
-        ``(routing_weights (N, E), adapted_scores a = p - tau (N, E), selected (N, E) bool)``, all float32.
+        ``(routing_weights (N, E), adapted_scores a = p - tau (N, E), selected (N, E) float 0/1 or None)``, float32.
     """
     router_probs = torch.softmax(router_logits.float(), dim=-1)
+    num_experts = router_probs.shape[-1]
     threshold = max_threshold * torch.sigmoid(threshold_logits.float())  # (N, 1)
     adapted = router_probs - threshold  # (N, E)
-    active = adapted >= 0
-    kept = adapted * active
-    total = kept.sum(dim=-1, keepdim=True)  # (N, 1)
-    # No expert cleared tau (or all active ones sit exactly on it): use the top-1 expert with weight 1. Batched with
+    selected = (adapted >= 0).float() if statistics else None  # m_i = 1[a_i >= 0]
+    kept = torch.relu(adapted)  # m_i * a_i
+    if max_threshold <= 1.0 / num_experts:
+        # max_i p_i >= 1/E >= tau_max > tau: some expert is always active. The sum is 0 only when tau rounds up to
+        # exactly the uniform p; the paper's code then divides by 1 (all weights 0), as sum_normalize does.
+        return sum_normalize(kept), adapted, selected
+    # tau_max > 1/E: a token can clear no threshold; it then uses its top-1 expert with weight 1. Batched with
     # torch.where; the safe denominator keeps the unused branch finite so its zero gradient stays zero, not NaN.
+    total = kept.sum(dim=-1, keepdim=True)  # (N, 1)
     fallback = total <= 0
     # A scatter, not F.one_hot: one_hot reads the indices' min and max back to the host to validate them (a sync).
-    top1 = torch.zeros_like(active).scatter_(-1, router_probs.argmax(dim=-1, keepdim=True), True)  # (N, E)
-    routing_weights = torch.where(fallback, top1.to(kept.dtype), kept / total.masked_fill(fallback, 1.0))
-    selected = torch.where(fallback, top1, active)
+    top1 = torch.zeros_like(router_probs).scatter_(-1, router_probs.argmax(dim=-1, keepdim=True), 1.0)  # (N, E)
+    routing_weights = torch.where(fallback, top1, kept / total.masked_fill(fallback, 1.0))
+    if selected is not None:
+        selected = torch.where(fallback, top1, selected)
     return routing_weights, adapted, selected
 
 
@@ -133,7 +141,8 @@ class AdaMoLELayer(MoeLoraLayer):
         threshold_logits = F.linear(x32, self.adamole_threshold[adapter_name].float(),
                                     self.adamole_threshold_bias[adapter_name].float())  # (N, 1)
         routing_weights, adapted, selected = threshold_routing(router_logits, threshold_logits,
-                                                               config.effective_max_threshold)
+                                                               config.effective_max_threshold,
+                                                               statistics=self.wants_routing_statistics())
         token_mask = self.token_mask(x.shape[0])
         if self.training:  # record_aux keeps it only in training (not conditioned on the window: see core.aux_loss)
             # E * sum_e f_e * mean(a_e): Switch's form with the adapted scores in place of the probabilities.

@@ -204,7 +204,8 @@ class GoatLayer(MoeLoraLayer):
         scaling = config.layer_scaling(self.in_features)
         # Router in float32: a bf16 softmax over experts loses the small differences top-k depends on.
         router_logits = F.linear(x.float(), self.goat_router[adapter_name].float())  # (N, E)
-        routing_weights, router_probs, selected = softmax_top_k(router_logits, config.top_k)
+        routing_weights, router_probs, selected = softmax_top_k(
+            router_logits, config.top_k, statistics=self.wants_routing_statistics())
         token_mask = self.token_mask(x.shape[0])
         # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
         # recomputation runs without). With all experts active the Switch loss is the constant E: skip it.

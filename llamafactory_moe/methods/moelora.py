@@ -64,7 +64,8 @@ class MoELoRALayer(MoeLoraLayer):
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config: MoELoRAConfig = self.moe_config[adapter_name]
         router_logits = F.linear(x, self.moelora_router[adapter_name])  # (N, E)
-        routing_weights, router_probs, selected = softmax_top_k(router_logits, config.top_k)
+        routing_weights, router_probs, selected = softmax_top_k(
+            router_logits, config.top_k, statistics=self.wants_routing_statistics())
         token_mask = self.token_mask(x.shape[0])
         # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
         # recomputation runs without). With soft routing every expert gets every token, so the Switch loss is the

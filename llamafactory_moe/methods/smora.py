@@ -10,6 +10,7 @@ per-rank bias b steers which k ranks a token uses, and the update is a k-sparse 
     v_j    = s_j (+ b_j if gate_uses_bias)                for j in I(x)
     g_j    = k * v_j / sum_{i in I} v_i  for j in I, else 0   (the k gates average 1)
     y      = W0 x + (alpha / k) * B diag(g(x)) A x~      (uniform gates = a rank-k LoRA with scaling alpha / k)
+           = W0 x + alpha * B diag(g_hat(x)) A x~         (g_hat = g / k sums to 1: what the code computes)
 
 Loss-free balancing (Wang et al. 2024, as in DeepSeek-V3): no auxiliary loss. During the training forwards of one
 optimizer step each layer counts c_j, the real (non-padding) tokens that selected rank j; after the step the counts are
@@ -172,34 +173,43 @@ class SMoRALayer(MoeLoraLayer):
             return self.smora_trainable_bias[adapter_name]
         return self.smora_bias[adapter_name]
 
-    def route(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gates ``(N, r)`` float32 (k non-zero per token, summing to k) and the bool ``(N, r)`` selection."""
+    def route(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Normalised gates ``g_hat (N, r)`` float32 (k non-zero per token, summing to 1) and the float 0/1 ``(N, r)``
+        selection (None when neither training nor routing logs need it)."""
         config: SMoRAConfig = self.moe_config[adapter_name]
-        k = config.active_ranks
-        # Sigmoid in float32: the sign-step bias (1e-5) must be able to reorder scores.
-        scores = torch.sigmoid(F.linear(x, self.smora_router[adapter_name]).float())  # (N, r/p)
+        # Router in float32: the sign-step bias (1e-5) must be able to reorder sigmoid scores.
+        logits = F.linear(x, self.smora_router[adapter_name]).float()  # (N, r/p)
         if config.rank_partition > 1:
-            scores = scores.repeat_interleave(config.rank_partition, dim=-1)  # (N, r)
-        biased = scores + self.rank_bias(adapter_name).float()
-        # Stable sort: ties (tied block scores with p > 1, zero bias at init) go to the lower rank on every device.
-        top = torch.argsort(biased.detach(), dim=-1, descending=True, stable=True)[:, :k]  # (N, k)
-        selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
-        kept = (biased if config.gate_uses_bias else scores) * selected
-        total = kept.sum(dim=-1, keepdim=True)
-        total = torch.where(total >= 0, total.clamp_min(GATE_EPS), total.clamp_max(-GATE_EPS))
-        return k * kept / total, selected
+            logits = logits.repeat_interleave(config.rank_partition, dim=-1)  # (N, r)
+        bias = self.rank_bias(adapter_name).float()
+        with torch.no_grad():
+            # Stable sort: ties (tied block scores with p > 1, zero bias at init) go to the lower rank on every device.
+            top = torch.argsort(torch.sigmoid(logits) + bias, dim=-1, descending=True, stable=True)
+            # 0 on the k selected ranks, -inf on the others.
+            keep_bias = torch.full_like(logits, float("-inf")).scatter_(-1, top[:, :config.active_ranks], 0.0)
+        selected = keep_bias.exp() if self.wants_routing_statistics() else None
+        if config.gate_uses_bias:
+            # As shipped: the biased scores are the gate values. They can be negative, so the sum is kept away from 0
+            # on its own side.
+            kept = (torch.sigmoid(logits) + bias) * keep_bias.exp()
+            total = kept.sum(dim=-1, keepdim=True)
+            return kept / torch.where(total >= 0, total.clamp_min(GATE_EPS), total.clamp_max(-GATE_EPS)), selected
+        # Sigmoid scores normalised over the selected ranks, s_j / sum_sel s = a softmax of log s_j over them: one
+        # kernel each way, and log-sigmoid stays finite where sigmoid underflows, so the sum never vanishes.
+        return torch.softmax(F.logsigmoid(logits) + keep_bias, dim=-1), selected
 
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config: SMoRAConfig = self.moe_config[adapter_name]
         x = self.moe_dropout[adapter_name](x)  # as shipped: the router sees the dropped input too
-        routing_weights, selected = self.route(adapter_name, x)
+        gates, selected = self.route(adapter_name, x)
         token_mask = self.token_mask(x.shape[0])
         if self.training and aux_loss.is_open() and config.bias_update_rate > 0:
             self._count_ranks(adapter_name, selected, token_mask)
-        record_routing(self, routing_weights, selected, token_mask)
-        # r experts of rank 1: (x~ A^T) * g, then B^T — H = x~ A^T is (N, r), the gate zeroes the unselected ranks.
-        delta = paired_experts(x, self.smora_A[adapter_name], self.smora_B[adapter_name], routing_weights, 1)
-        return delta * config.scaling
+        record_routing(self, gates, selected, token_mask)
+        # r experts of rank 1: (x~ A^T) * g_hat, then B^T — H = x~ A^T is (N, r), the gate zeroes the unselected
+        # ranks. (alpha / k) * B diag(k g_hat) A x~ = alpha * B diag(g_hat) A x~: one scale, applied once.
+        delta = paired_experts(x, self.smora_A[adapter_name], self.smora_B[adapter_name], gates, 1)
+        return delta * (config.scaling * config.active_ranks)
 
     # -- loss-free balancing: count during the step's training forwards, update once after the optimizer step --------
     @torch.no_grad()

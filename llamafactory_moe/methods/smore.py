@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -217,12 +217,28 @@ def _uniform(t: torch.Tensor, fan_in: int) -> None:
     nn.init.uniform_(t, -bound, bound)
 
 
+class _Plan(NamedTuple):
+    """What the forward reads from the config, derived once per adapter instead of on every call (a decode step
+    runs the forward of every wrapped layer for one token, where Python time is most of the cost)."""
+
+    hidden_dims: list[int]
+    fan_out: list[int]
+    scaling: list[float]
+    expert_act: str
+    gate_act: str
+
+
 class SMoRELayer(MoeLoraLayer):
     # Flat per-adapter ParameterDicts (peft's save/load handles one level of names below the adapter key).
     adapter_layer_names = ("smore_experts", "smore_router")
     module_dict_names = ("smore_experts", "smore_router")
 
     def create_adapter(self, adapter_name: str, config: SMoREConfig) -> None:
+        if not hasattr(self, "_plans"):
+            self._plans: dict[str, _Plan] = {}
+        self._plans[adapter_name] = _Plan(config.hidden_dims, config.fan_out, config.layer_scaling,
+                                          parse_activation("expert_act_fn", config.expert_act_fn)[0],
+                                          parse_activation("gate_act_fn", config.gate_act_fn)[0])
         d, num_layers = config.hidden_dims, config.num_layers
         experts = nn.ParameterDict()
         for pool in range(1 if config.shared_expert_pool else num_layers):
@@ -320,14 +336,15 @@ class SMoRELayer(MoeLoraLayer):
     # -- forward ----------------------------------------------------------------------------------------------------
     def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config: SMoREConfig = self.moe_config[adapter_name]
+        plan = self._plans[adapter_name]
         experts = self.smore_experts[adapter_name]
-        num_tokens, d = x.shape[0], config.hidden_dims
-        selected, scores = self._route(config, self.smore_router[adapter_name], x, self.token_mask(num_tokens))
-        sigma = parse_activation("expert_act_fn", config.expert_act_fn)[0]
+        num_tokens, d = x.shape[0], plan.hidden_dims
+        selected, scores = self._route(config, plan, self.smore_router[adapter_name], x, self.token_mask(num_tokens))
+        sigma = plan.expert_act
         x = self.moe_dropout[adapter_name](x)
         shared = self._all_experts(experts, x, 0) if config.shared_expert_pool else None
         state = None  # (N, F_l, d_l): aggregated states of the layer-l nodes, from their children
-        scaling, fan_out = config.layer_scaling, config.fan_out  # properties: computed once, not per level
+        scaling, fan_out = plan.scaling, plan.fan_out
         for level in range(config.num_layers):  # bottom-up (Eq. 3)
             all_out = shared if shared is not None else self._all_experts(experts, x, level)  # (N, s_l, d_{l+1})
             index = selected[level].unsqueeze(-1).expand(-1, -1, d[level + 1])
@@ -335,7 +352,7 @@ class SMoRELayer(MoeLoraLayer):
             if scaling[level] != 1.0:  # 1.0 unless layer_lora_alpha is set: no multiply-by-one kernel
                 z = scaling[level] * z
             alpha = scores[level].to(z.dtype).unsqueeze(-1)  # (N, F_l, 1)
-            slope = experts.get(f"act_{level}")
+            slope = experts[f"act_{level}"] if sigma == "prelu" else None
             if level == 0:
                 message = alpha * (activate(sigma, z, slope) if config.activation_position == "all" else z)
             elif config.activation_position == "all":
@@ -360,7 +377,7 @@ class SMoRELayer(MoeLoraLayer):
         return torch.baddbmm(experts[f"B_bias_{pool}"].unsqueeze(1), codes.transpose(0, 1),
                              B.transpose(1, 2)).transpose(0, 1)
 
-    def _route(self, config: SMoREConfig, router: nn.ParameterDict, x: torch.Tensor,
+    def _route(self, config: SMoREConfig, plan: _Plan, router: nn.ParameterDict, x: torch.Tensor,
                token_mask: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Top-down routing (Eq. 6). Returns per layer l the expert index ``(N, F_l)`` and score ``(N, F_l)`` fp32 of
         every tree node; node ``p * f_l + j`` is the j-th child of parent node ``p`` of layer l + 1."""
@@ -368,7 +385,7 @@ class SMoRELayer(MoeLoraLayer):
         query = query.unsqueeze(1)  # (N, 1, in_{L-1}): one virtual root per token
         selected, scores = [None] * config.num_layers, [None] * config.num_layers
         for level in reversed(range(config.num_layers)):
-            index, alpha, keys = self._gate(config, router, level, query, token_mask)  # (N, P, f), .., (N, P, f, k)
+            index, alpha, keys = self._gate(config, plan, router, level, query, token_mask)  # (N,P,f) .. (N,P,f,k)
             selected[level], scores[level] = index.flatten(1), alpha.flatten(1)
             if level > 0:  # each child's gate sees the token and the keys of all its ancestors
                 num_tokens, paths, fan_out = index.shape
@@ -376,15 +393,14 @@ class SMoRELayer(MoeLoraLayer):
                 query = torch.cat([parent, keys.to(query.dtype)], dim=-1).flatten(1, 2)  # (N, P f, in_{l-1})
         return selected, scores
 
-    def _gate(self, config: SMoREConfig, router: nn.ParameterDict, level: int, query: torch.Tensor,
+    def _gate(self, config: SMoREConfig, plan: _Plan, router: nn.ParameterDict, level: int, query: torch.Tensor,
               token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One S'MoRE layer's gate on ``query: (N, P, in_l)``: indices and scores ``(N, P, f_l)``, selected keys."""
-        num_experts, fan_out = config.layer_num_experts[level], config.fan_out[level]
+        num_experts, fan_out = config.layer_num_experts[level], plan.fan_out[level]
         keys, h = router[f"keys_{level}"], query
         if config.gate_arch == "mlp":
-            act = parse_activation("gate_act_fn", config.gate_act_fn)[0]
             hidden = F.linear(query, router[f"mlp_in_{level}"], router[f"mlp_in_bias_{level}"])
-            hidden = activate(act, hidden, router.get(f"act_{level}"))
+            hidden = activate(plan.gate_act, hidden, router.get(f"act_{level}") if plan.gate_act == "prelu" else None)
             h = F.linear(hidden, router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"])
         # Router logits and probabilities in float32: bf16 loses the small differences routing depends on.
         # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token weights
@@ -398,12 +414,15 @@ class SMoRELayer(MoeLoraLayer):
                                              config.effective_aux_loss_coef)
         else:
             logits = h.float() @ keys.float().T  # (N, P, s)
-            probs = torch.softmax(logits, dim=-1)
+            # The full softmax is needed by the dense gate, a fan-out of 1 and the balance loss; not otherwise.
+            probs = (torch.softmax(logits, dim=-1) if config.gate_type == "dense" or fan_out == 1 or self.training
+                     else None)
             if config.gate_type == "dense":
                 index = torch.arange(num_experts, device=probs.device).expand_as(probs)
                 alpha = probs
             else:  # switch: top-k of the softmax, renormalised if k > 1
-                index = torch.argsort(probs.detach(), dim=-1, descending=True, stable=True)[..., :fan_out]
+                # The softmax is monotonic: the logits sort like the probabilities.
+                index = torch.argsort(logits.detach(), dim=-1, descending=True, stable=True)[..., :fan_out]
                 # Renormalised kept probabilities = a softmax over the kept logits: one op each way instead of a
                 # sum, a division and their backward.
                 alpha = (torch.softmax(torch.gather(logits, -1, index), dim=-1) if fan_out > 1

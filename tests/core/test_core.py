@@ -32,7 +32,34 @@ def test_softmax_top_k_keeps_k_and_renormalises():
 def test_softmax_top_k_is_fp32_and_soft_when_k_is_none():
     logits = torch.randn(5, 3, dtype=torch.bfloat16)
     weights, probs, selected = routing.softmax_top_k(logits, top_k=None)
-    assert weights.dtype == torch.float32 and selected.all()
+    assert weights.dtype == torch.float32 and selected is None  # None: every expert takes every token
+    torch.testing.assert_close(weights, torch.softmax(logits.float(), -1))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_top_k_values_and_gradients_match_a_per_token_reference(renormalize):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 5, generator=g, requires_grad=True)
+    upstream = torch.randn(9, 5, generator=g)
+    weights, _, _ = routing.softmax_top_k(logits, top_k=2, renormalize=renormalize)
+    (weights * upstream).sum().backward()
+    reference_logits = logits.detach().clone().requires_grad_(True)
+    rows = []
+    for t in range(9):  # keep the 2 largest logits of the token, in order, and (re)normalise them
+        probs = torch.softmax(reference_logits[t], -1)
+        kept = sorted(range(5), key=lambda e: -float(logits.detach()[t, e]))[:2]
+        row = [torch.zeros(()) for _ in range(5)]
+        total = probs[kept].sum() if renormalize else 1.0
+        for e in kept:
+            row[e] = probs[e] / total
+        rows.append(torch.stack(row))
+    (torch.stack(rows) * upstream).sum().backward()
+    torch.testing.assert_close(weights, torch.stack(rows).detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-6, rtol=1e-5)
+    # Inference skips the statistics, not the weights.
+    plain, probs, selected = routing.softmax_top_k(logits.detach(), top_k=2, renormalize=renormalize, statistics=False)
+    assert probs is None and selected is None
+    torch.testing.assert_close(plain, weights.detach())
 
 
 def test_switch_balance_loss_hand_case_and_padding():
@@ -129,3 +156,24 @@ def test_methods_are_registered_whatever_is_imported_first(first_import):
     assert "WARNING" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == str(sorted(["adamole", "d2mora", "goat", "hydralora", "moelora", "moslora",
                                               "smora", "smore"])), proc.stdout
+
+
+def test_sum_normalize_matches_division_and_its_autograd_gradient():
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand(6, 4, generator=g, dtype=torch.float64)
+    values[1] = 0.0  # a row summing to 0 stays 0, with a finite gradient
+    values[2, :3] = 0.0
+    upstream = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ours = values.clone().requires_grad_(True)
+    reference = values.clone().requires_grad_(True)
+    out = routing.sum_normalize(ours)
+    (out * upstream).sum().backward()
+    rows = []
+    for t in range(6):  # plain division per token; a zero sum divides by 1
+        total = reference[t].sum()
+        rows.append(reference[t] / (total if float(total) > 0 else 1.0))
+    expected = torch.stack(rows)
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(out, expected.detach())
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert torch.autograd.gradcheck(routing.sum_normalize, (values[[0, 3]].clone().requires_grad_(True),))

@@ -131,8 +131,9 @@ def test_no_expert_passing_falls_back_to_exactly_top1():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_degenerate_zero_total_is_finite_with_top1_and_finite_gradients():
+def test_degenerate_zero_total_is_finite_and_gives_zero_weights_as_upstream():
     # Zero router -> p = 1/E exactly; sigmoid(60) == 1.0 in fp32 -> tau = 1/E exactly: every a_e = 0, sum = 0.
+    # Every expert is active (a_e >= 0) with weight 0; upstream divides by 1 there, so the update is 0.
     _, layer = make_layer(init_weights=False, num_experts=4, expert_rank=2)
     with torch.no_grad():
         layer.adamole_router["default"].zero_()
@@ -141,9 +142,7 @@ def test_degenerate_zero_total_is_finite_with_top1_and_finite_gradients():
     x, mask = batch_with_padding()
     x.requires_grad_(True)
     out, balance, _ = run_layer(layer, x, mask)
-    A, B = layer.adamole_A["default"], layer.adamole_B["default"]
-    expected = layer.base_layer(x) + 2.0 * (x @ A[:2].T) @ B[:, :2].T  # argmax of equal scores is expert 0
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, layer.base_layer(x), atol=1e-6, rtol=1e-6)
     params = [x] + [getattr(layer, name)["default"] for name in PARAMS]
     grads = torch.autograd.grad(out.sum() + balance, params)
     assert all(torch.isfinite(g).all() for g in grads)

@@ -296,7 +296,7 @@ def test_eq_1_layer_equals_flat_one_layer_moe(gate, shared, shapes):
     layer.eval()
     with torch.no_grad():
         delta = (layer(x) - layer.base_layer(x)).reshape(-1, OUT)
-        selected, scores = layer._route(config, layer.smore_router["default"], xs, None)
+        selected, scores = layer._route(config, layer._plans["default"], layer.smore_router["default"], xs, None)
     d, L = config.hidden_dims, config.num_layers
     flat = torch.zeros(xs.shape[0], d[-1])
     path_weight = torch.ones(xs.shape[0], 1)
@@ -321,7 +321,7 @@ def test_eq_1_layer_single_layer_is_mixlora():
     xs = x.reshape(-1, IN)
     with torch.no_grad():
         delta = (layer(x) - layer.base_layer(x)).reshape(-1, OUT)
-        selected, scores = layer._route(config, layer.smore_router["default"], xs, None)
+        selected, scores = layer._route(config, layer._plans["default"], layer.smore_router["default"], xs, None)
         expected = torch.zeros_like(delta)
         for n in range(xs.shape[0]):
             for e, a in zip(selected[0][n].tolist(), scores[0][n]):
