@@ -171,7 +171,7 @@ def test_sum_normalize_matches_division_and_its_autograd_gradient():
     rows = []
     for t in range(6):  # plain division per token; a zero sum divides by 1
         total = reference[t].sum()
-        rows.append(reference[t] / (total if float(total) > 0 else 1.0))
+        rows.append(reference[t] / (total if float(total.detach()) > 0 else 1.0))
     expected = torch.stack(rows)
     (expected * upstream).sum().backward()
     torch.testing.assert_close(out, expected.detach())
