@@ -9,30 +9,47 @@ Pipeline: stacked A (one GEMM) -> per-expert gate on the ``(N, E, r)`` code (a b
 GEMM). Top-k sparsity is a zero gate, not a gather: with ranks of 1-64 the wasted FLOPs are a few percent of the base
 GEMM, while gather/scatter dispatch costs many small kernels and copies of ``x``.
 
-Every fast kernel has a ``*_reference`` twin with the same signature, written as the obvious per-expert loop; the
+The adapter scale multiplies the small ``(N, E)`` gates and the base output enters the last GEMM as an addmm residual,
+so an update costs no full-size ``(N, out)`` multiply or add. Every fast kernel has a ``*_reference`` twin with the
+same signature (without ``scaling`` / ``residual``), written as the obvious per-expert loop; the
 parity tests in ``tests/core`` compare them.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
 def paired_experts(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing_weights: torch.Tensor,
-                   expert_rank: int) -> torch.Tensor:
-    """``sum_e w_e * B_e A_e x`` for one-to-one expert pairs.
+                   expert_rank: int, scaling: float = 1.0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + scaling * sum_e w_e * B_e A_e x`` for one-to-one expert pairs (``residual`` None: the sum alone).
 
     Args:
-        x: ``(N, in)``; A: ``(E*r, in)``; B: ``(out, E*r)``; routing_weights: ``(N, E)``.
+        x: ``(N, in)``; A: ``(E*r, in)``; B: ``(out, E*r)``; routing_weights: ``(N, E)``; residual: ``(N, out)``.
     Returns:
         ``(N, out)``.
     """
     num_tokens = x.shape[0]
     codes = F.linear(x, A)  # (N, E*r)
     num_experts = codes.shape[-1] // expert_rank
-    gated = codes.view(num_tokens, num_experts, expert_rank) * routing_weights.to(codes.dtype).unsqueeze(-1)
-    return F.linear(gated.view(num_tokens, num_experts * expert_rank), B)
+    gates = _scaled(routing_weights.to(codes.dtype), scaling)
+    gated = codes.view(num_tokens, num_experts, expert_rank) * gates.unsqueeze(-1)
+    return up_projection(gated.view(num_tokens, num_experts * expert_rank), B, residual)
+
+
+def up_projection(code: torch.Tensor, B: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + code B^T``: the last GEMM of an update, with the residual add inside it (one addmm: no separate add
+    kernel and no ``(N, out)`` temporary). ``residual`` None: ``code B^T``."""
+    return F.linear(code, B) if residual is None else torch.addmm(residual, code, B.t())
+
+
+def _scaled(gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    # The adapter scale rides on the (N, E) gates, not on the (N, out) output: the same kernel count, a fraction of the
+    # memory traffic, forward and backward.
+    return gates if scaling == 1.0 else gates * scaling
 
 
 def paired_experts_reference(x, A, B, routing_weights, expert_rank):
@@ -66,18 +83,20 @@ def mixed_down_projection_reference(x, A, routing_weights, expert_rank):
     return out
 
 
-def routed_up_projection(code: torch.Tensor, B: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-    """``sum_e w_e * B_e h`` for several up-experts reading one shared code ``h`` (HydraLoRA heads, D2MoRA).
+def routed_up_projection(code: torch.Tensor, B: torch.Tensor, routing_weights: torch.Tensor, scaling: float = 1.0,
+                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + scaling * sum_e w_e * B_e h`` for several up-experts reading one shared code ``h`` (HydraLoRA
+    heads, D2MoRA).
 
     Args:
-        code: ``(N, r)``; B: ``(out, E*r)``; routing_weights: ``(N, E)``.
+        code: ``(N, r)``; B: ``(out, E*r)``; routing_weights: ``(N, E)``; residual: ``(N, out)`` or None.
     Returns:
         ``(N, out)``.
     """
     num_tokens, rank = code.shape
     # Outer product (N, E, 1) * (N, 1, r) -> (N, E*r): each head's block of B sees h scaled by its gate.
-    gated = routing_weights.to(code.dtype).unsqueeze(-1) * code.unsqueeze(1)
-    return F.linear(gated.reshape(num_tokens, -1), B)
+    gated = _scaled(routing_weights.to(code.dtype), scaling).unsqueeze(-1) * code.unsqueeze(1)
+    return up_projection(gated.reshape(num_tokens, -1), B, residual)
 
 
 def routed_up_projection_reference(code, B, routing_weights):

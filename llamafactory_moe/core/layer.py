@@ -7,7 +7,9 @@ and the routing-statistics hook. A method subclass declares its parameter contai
 * ``create_adapter(adapter_name, config)`` — create the parameters (one shape comment each),
 * ``reset_adapter(adapter_name, config)`` — initialise them (under ``torch.no_grad()``),
 * ``adapter_delta(adapter_name, x)`` — the paper's update for flattened ``x: (N, in_features)``, returning
-  ``(N, out_features)``; it records its auxiliary terms with ``self.record_aux``.
+  ``(N, out_features)``; it records its auxiliary terms with ``self.record_aux``. A method whose update ends in a GEMM
+  sets ``fuses_residual = True`` and takes ``residual`` (the base output, ``(N, out_features)``, or None): it returns
+  ``residual + update`` with the add inside that GEMM (``core.experts.up_projection``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
     module_dict_names: ClassVar[tuple[str, ...]] = ()
     # Persistent, non-trainable per-adapter tensors (saved in the checkpoint, never made trainable by set_adapter).
     buffer_names: ClassVar[tuple[str, ...]] = ()
+    # True: `adapter_delta(name, x, residual)` adds the base output inside its last GEMM (see the module docstring).
+    fuses_residual: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoeLoraConfig, **kwargs: Any) -> None:
         super().__init__()
@@ -99,8 +103,12 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
                 continue
             adapter_dtype = self.adapter_dtype(adapter_name)
             x_flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, self.in_features)
-            delta = self.adapter_delta(adapter_name, x_flat)
-            result = result + delta.reshape(result.shape).to(result_dtype)
+            if self.fuses_residual and result_dtype == adapter_dtype:
+                residual = result.reshape(-1, self.out_features)
+                result = self.adapter_delta(adapter_name, x_flat, residual=residual).view(result.shape)
+            else:  # e.g. fp32 adapters on a bf16 base: the update is cast to the base dtype, as in peft's LoRA
+                delta = self.adapter_delta(adapter_name, x_flat)
+                result = result + delta.reshape(result.shape).to(result_dtype)
         return result
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:

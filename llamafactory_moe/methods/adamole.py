@@ -111,6 +111,7 @@ class AdaMoLELayer(MoeLoraLayer):
     adapter_layer_names = ("adamole_A", "adamole_B", "adamole_router", "adamole_threshold",
                            "adamole_threshold_bias")
     paired_expert_names = ("adamole_A", "adamole_B")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: AdaMoLEConfig) -> None:
         total_rank = config.num_experts * config.expert_rank
@@ -133,7 +134,8 @@ class AdaMoLELayer(MoeLoraLayer):
         else:
             nn.init.kaiming_uniform_(self.adamole_B[adapter_name], a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: AdaMoLEConfig = self.moe_config[adapter_name]
         # Router and threshold in float32: the activation compares probabilities with tau directly.
         x32 = x.float()
@@ -149,9 +151,8 @@ class AdaMoLELayer(MoeLoraLayer):
             balance = switch_balance_loss(adapted, selected, token_mask)
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)
-        delta = paired_experts(self.moe_dropout[adapter_name](x), self.adamole_A[adapter_name],
-                               self.adamole_B[adapter_name], routing_weights, config.expert_rank)
-        return delta * config.scaling
+        return paired_experts(self.moe_dropout[adapter_name](x), self.adamole_A[adapter_name],
+                              self.adamole_B[adapter_name], routing_weights, config.expert_rank, config.scaling, residual)
 
 
 class AdaMoLEModel(MoeLoraTuner):

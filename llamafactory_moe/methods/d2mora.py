@@ -105,6 +105,7 @@ def sum_abs_pairwise_cosine(*groups: torch.Tensor, eps: float = COSINE_EPS) -> t
 
 class D2MoRALayer(MoeLoraLayer):
     adapter_layer_names = ("d2mora_A", "d2mora_B", "d2mora_router_down", "d2mora_router_up")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: D2MoRAConfig) -> None:
         M, N, r = config.num_down_experts, config.num_experts, config.expert_rank
@@ -124,7 +125,8 @@ class D2MoRALayer(MoeLoraLayer):
         else:
             nn.init.kaiming_uniform_(self.d2mora_B[adapter_name], a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: D2MoRAConfig = self.moe_config[adapter_name]
         A, B = self.d2mora_A[adapter_name], self.d2mora_B[adapter_name]
         M, N, r = config.num_down_experts, config.num_experts, config.expert_rank
@@ -152,7 +154,7 @@ class D2MoRALayer(MoeLoraLayer):
             # B_j is the column block [j*r, (j+1)*r): view (out, N, r) and put the expert axis first.
             diversity = sum_abs_pairwise_cosine(A.view(M, r, -1), B.view(-1, N, r).transpose(0, 1))
             self.record_aux("diversity_loss", diversity, coef)
-        return routed_up_projection(h, B, weights_up) * config.scaling
+        return routed_up_projection(h, B, weights_up, config.scaling, residual)
 
 
     @torch.no_grad()

@@ -159,6 +159,7 @@ class GoatLayer(MoeLoraLayer):
     adapter_layer_names = ("goat_A", "goat_B", "goat_router")
     paired_expert_names = ("goat_A", "goat_B")
     buffer_names = ("goat_A_init", "goat_B_init")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: GoatConfig) -> None:
         total_rank = config.num_experts * config.expert_rank
@@ -199,7 +200,8 @@ class GoatLayer(MoeLoraLayer):
         if not config.init_weights:  # tests: random experts, so outputs and gradients are non-trivial
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: GoatConfig = self.moe_config[adapter_name]
         scaling = config.layer_scaling(self.in_features)
         # Router in float32: a bf16 softmax over experts loses the small differences top-k depends on.
@@ -214,14 +216,13 @@ class GoatLayer(MoeLoraLayer):
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)
         experts = paired_experts(self.moe_dropout[adapter_name](x), self.goat_A[adapter_name],
-                                 self.goat_B[adapter_name], routing_weights, config.expert_rank)
+                                 self.goat_B[adapter_name], routing_weights, config.expert_rank, scaling, residual)
         # W_res x - W0 x = -c * s * B0 (A0 x): the base path sees the input without dropout.
         A_init = self.goat_A_init[adapter_name].to(x.dtype)
         B_init = self.goat_B_init[adapter_name].to(x.dtype)
-        # s * experts - s * c * B0 (A0 x) as one addmm (beta scales the input, alpha the product): the scale, the
-        # coefficient and the subtraction cost no kernels of their own.
-        return torch.addmm(experts, F.linear(x, A_init), B_init.t(), beta=scaling,
-                           alpha=-scaling * config.effective_residual_coef)  # (N, out)
+        # (residual +) s * experts - s * c * B0 (A0 x): the correction joins the sum inside one more addmm (alpha
+        # scales the product), so the coefficient and the subtraction cost no kernels of their own.
+        return torch.addmm(experts, F.linear(x, A_init), B_init.t(), alpha=-scaling * config.effective_residual_coef)
 
 
 class GoatModel(MoeLoraTuner):

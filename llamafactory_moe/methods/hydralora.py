@@ -67,6 +67,7 @@ class HydraLoRAConfig(MoeLoraConfig):
 
 class HydraLoRALayer(MoeLoraLayer):
     adapter_layer_names = ("hydralora_A", "hydralora_B", "hydralora_router")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: HydraLoRAConfig) -> None:
         r, N = config.expert_rank, config.num_experts
@@ -83,7 +84,8 @@ class HydraLoRALayer(MoeLoraLayer):
         else:
             nn.init.kaiming_uniform_(self.hydralora_B[adapter_name], a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: HydraLoRAConfig = self.moe_config[adapter_name]
         # Router in float32: a low-precision softmax over heads loses the small differences routing depends on.
         router_logits = F.linear(x.float(), self.hydralora_router[adapter_name].float())  # (N_tok, N)
@@ -94,7 +96,7 @@ class HydraLoRALayer(MoeLoraLayer):
             self.record_aux("balance_loss", cv_squared(importance), config.effective_aux_loss_coef)
         record_routing(self, routing_weights, None, token_mask)  # dense: every head selected
         code = F.linear(self.moe_dropout[adapter_name](x), self.hydralora_A[adapter_name])  # (N_tok, r), once
-        return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights) * config.scaling
+        return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights, config.scaling, residual)
 
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ class MoELoRAConfig(MoeLoraConfig):
 class MoELoRALayer(MoeLoraLayer):
     adapter_layer_names = ("moelora_A", "moelora_B", "moelora_router")
     paired_expert_names = ("moelora_A", "moelora_B")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: MoELoRAConfig) -> None:
         total_rank = config.num_experts * config.expert_rank
@@ -61,7 +62,8 @@ class MoELoRALayer(MoeLoraLayer):
         else:
             nn.init.kaiming_uniform_(self.moelora_B[adapter_name], a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: MoELoRAConfig = self.moe_config[adapter_name]
         router_logits = F.linear(x, self.moelora_router[adapter_name])  # (N, E)
         routing_weights, router_probs, selected = softmax_top_k(
@@ -75,9 +77,8 @@ class MoELoRALayer(MoeLoraLayer):
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)
         x = self.moe_dropout[adapter_name](x)
-        delta = paired_experts(x, self.moelora_A[adapter_name], self.moelora_B[adapter_name], routing_weights,
-                               config.expert_rank)
-        return delta * config.scaling
+        return paired_experts(x, self.moelora_A[adapter_name], self.moelora_B[adapter_name], routing_weights,
+                              config.expert_rank, config.scaling, residual)
 
 
 class MoELoRAModel(MoeLoraTuner):

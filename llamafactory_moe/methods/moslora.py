@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core.experts import up_projection
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MoSLoRAConfig(MoeLoraConfig):
 
 class MoSLoRALayer(MoeLoraLayer):
     adapter_layer_names = ("moslora_A", "moslora_mixer", "moslora_B")
+    fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: MoSLoRAConfig) -> None:
         r = config.expert_rank
@@ -70,11 +72,12 @@ class MoSLoRALayer(MoeLoraLayer):
         else:
             nn.init.kaiming_uniform_(self.moslora_B[adapter_name], a=math.sqrt(5))
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: MoSLoRAConfig = self.moe_config[adapter_name]
         code = F.linear(self.moe_dropout[adapter_name](x), self.moslora_A[adapter_name])  # (N_tok, r)
-        mixed = F.linear(code, self.moslora_mixer[adapter_name])  # (N_tok, r): W_m A x
-        return F.linear(mixed, self.moslora_B[adapter_name]) * config.scaling
+        mixed = F.linear(code, self.moslora_mixer[adapter_name]) * config.scaling  # (N_tok, r): s W_m A x
+        return up_projection(mixed, self.moslora_B[adapter_name], residual)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``(alpha / r) * B W_m A`` as ``(out, in)``, computed in float32 (the caller casts to the base dtype)."""

@@ -139,6 +139,7 @@ class SMoRALayer(MoeLoraLayer):
     adapter_layer_names = ("smora_A", "smora_B", "smora_router", "smora_trainable_bias")
     paired_expert_names = ("smora_A", "smora_B")  # the r rank-1 experts: rows of A, columns of B
     buffer_names = ("smora_bias",)
+    fuses_residual = True
 
     def __init__(self, *args, **kwargs) -> None:
         # adapter -> (r,) float32 tokens per rank since the last optimizer step (runtime state, never saved)
@@ -198,7 +199,8 @@ class SMoRALayer(MoeLoraLayer):
         # kernel each way, and log-sigmoid stays finite where sigmoid underflows, so the sum never vanishes.
         return torch.softmax(F.logsigmoid(logits) + keep_bias, dim=-1), selected
 
-    def adapter_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def adapter_delta(self, adapter_name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
         config: SMoRAConfig = self.moe_config[adapter_name]
         x = self.moe_dropout[adapter_name](x)  # as shipped: the router sees the dropped input too
         gates, selected = self.route(adapter_name, x)
@@ -208,8 +210,8 @@ class SMoRALayer(MoeLoraLayer):
         record_routing(self, gates, selected, token_mask)
         # r experts of rank 1: (x~ A^T) * g_hat, then B^T — H = x~ A^T is (N, r), the gate zeroes the unselected
         # ranks. (alpha / k) * B diag(k g_hat) A x~ = alpha * B diag(g_hat) A x~: one scale, applied once.
-        delta = paired_experts(x, self.smora_A[adapter_name], self.smora_B[adapter_name], gates, 1)
-        return delta * (config.scaling * config.active_ranks)
+        return paired_experts(x, self.smora_A[adapter_name], self.smora_B[adapter_name], gates, 1,
+                              config.scaling * config.active_ranks, residual)
 
     # -- loss-free balancing: count during the step's training forwards, update once after the optimizer step --------
     @torch.no_grad()

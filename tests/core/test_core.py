@@ -96,6 +96,12 @@ def test_kernels_match_per_expert_loops(num_experts, rank, dtype):
                                experts.mixed_down_projection_reference(x, A, w, rank))
     h = torch.randn(n, rank, generator=g, dtype=dtype)
     torch.testing.assert_close(experts.routed_up_projection(h, B, w), experts.routed_up_projection_reference(h, B, w))
+    # The scale on the gates and the residual inside the last GEMM: residual + s * (the same sums).
+    residual = torch.randn(n, d_out, generator=g, dtype=dtype)
+    torch.testing.assert_close(experts.paired_experts(x, A, B, w, rank, scaling=2.5, residual=residual),
+                               residual + 2.5 * experts.paired_experts_reference(x, A, B, w, rank))
+    torch.testing.assert_close(experts.routed_up_projection(h, B, w, scaling=0.5, residual=residual),
+                               residual + 0.5 * experts.routed_up_projection_reference(h, B, w))
 
 
 def test_peft_type_extension_is_idempotent_and_behaves_like_a_member():
