@@ -106,3 +106,24 @@ def routed_up_projection_reference(code, B, routing_weights):
         cols = slice(e * rank, (e + 1) * rank)
         out = out + routing_weights[:, e:e + 1].to(code.dtype) * (code @ B[:, cols].T)
     return out
+
+
+class _GatherExperts(torch.autograd.Function):
+    """``torch.gather(outputs, 1, index)`` whose backward keeps only ``index``: torch's gather saves its whole input
+    for backward, which here is every expert's output, ``E / k`` times what the selected nodes need."""
+
+    @staticmethod
+    def forward(ctx, outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.input_shape = outputs.shape
+        return torch.gather(outputs, 1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.input_shape).scatter_add_(1, index, grad), None
+
+
+def gather_experts(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of the expert axis: ``outputs (N, E, d)``, ``index (N, F, d)`` (expanded expert ids) -> ``(N, F, d)``."""
+    return _GatherExperts.apply(outputs, index)

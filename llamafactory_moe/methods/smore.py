@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
+from ..core.experts import gather_experts
 from ..core.routing import cv_squared, record_routing, switch_balance_loss
 
 GATE_TYPES = ("switch", "noisy_topk", "dense")
@@ -228,6 +229,30 @@ class _Plan(NamedTuple):
     gate_act: str
 
 
+class _Query(NamedTuple):
+    """A gate's input, concat(token query, keys of the path's ancestors), kept in its two parts: the token's
+    ``(N, 1, d)`` once per token and the ancestors' keys ``(N, P, k)`` per path (None at the root). Concatenating
+    would copy the token's d features once per path, in memory and in the gate's FLOPs."""
+
+    token: torch.Tensor
+    ancestors: Optional[torch.Tensor]
+
+    @property
+    def paths(self) -> int:
+        return 1 if self.ancestors is None else self.ancestors.shape[1]
+
+    def float(self) -> "_Query":
+        return _Query(self.token.float(), None if self.ancestors is None else self.ancestors.float())
+
+    def linear(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F.linear(concat(token, ancestors), weight, bias)`` as the sum of the two parts' products: ``(N, P, m)``."""
+        if self.ancestors is None:
+            return F.linear(self.token, weight, bias)
+        token_dim = self.token.shape[-1]
+        token_weight, key_weight = weight.split([token_dim, weight.shape[1] - token_dim], dim=1)
+        return F.linear(self.token, token_weight, bias) + F.linear(self.ancestors, key_weight)
+
+
 class SMoRELayer(MoeLoraLayer):
     # Flat per-adapter ParameterDicts (peft's save/load handles one level of names below the adapter key).
     adapter_layer_names = ("smore_experts", "smore_router")
@@ -352,7 +377,7 @@ class SMoRELayer(MoeLoraLayer):
         for level in range(config.num_layers):  # bottom-up (Eq. 3)
             all_out = shared if shared is not None else self._all_experts(experts, x, level)  # (N, s_l, d_{l+1})
             index = selected[level].unsqueeze(-1).expand(-1, -1, d[level + 1])
-            z = torch.gather(all_out, 1, index)  # (N, F_l, d_{l+1}) one per tree node
+            z = gather_experts(all_out, index)  # (N, F_l, d_{l+1}) one per tree node
             if scaling[level] != 1.0:  # 1.0 unless layer_lora_alpha is set: no multiply-by-one kernel
                 z = scaling[level] * z
             alpha = scores[level].to(z.dtype).unsqueeze(-1)  # (N, F_l, 1)
@@ -385,40 +410,53 @@ class SMoRELayer(MoeLoraLayer):
                token_mask: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Top-down routing (Eq. 6). Returns per layer l the expert index ``(N, F_l)`` and score ``(N, F_l)`` fp32 of
         every tree node; node ``p * f_l + j`` is the j-th child of parent node ``p`` of layer l + 1."""
-        query = F.linear(x, router["down"], router["down_bias"]) if config.router_down_dim else x
-        query = query.unsqueeze(1)  # (N, 1, in_{L-1}): one virtual root per token
+        token = F.linear(x, router["down"], router["down_bias"]) if config.router_down_dim else x
+        query = _Query(token.unsqueeze(1), None)  # (N, 1, d): one virtual root per token
         selected, scores = [None] * config.num_layers, [None] * config.num_layers
         for level in reversed(range(config.num_layers)):
             index, alpha, keys = self._gate(config, plan, router, level, query, token_mask)  # (N,P,f) .. (N,P,f,k)
             selected[level], scores[level] = index.flatten(1), alpha.flatten(1)
             if level > 0:  # each child's gate sees the token and the keys of all its ancestors
-                num_tokens, paths, fan_out = index.shape
-                parent = query.unsqueeze(2).expand(num_tokens, paths, fan_out, query.shape[-1])
-                query = torch.cat([parent, keys.to(query.dtype)], dim=-1).flatten(1, 2)  # (N, P f, in_{l-1})
+                keys = keys.to(token.dtype)  # (N, P, f, k_l)
+                if query.ancestors is not None:
+                    num_tokens, paths, fan_out = index.shape
+                    parent = query.ancestors.unsqueeze(2).expand(num_tokens, paths, fan_out, -1)
+                    keys = torch.cat([parent, keys], dim=-1)
+                query = _Query(query.token, keys.flatten(1, 2))  # ancestors (N, P f, k_{L-1} + .. + k_l)
         return selected, scores
 
     def _gate(self, config: SMoREConfig, plan: _Plan, router: Mapping[str, torch.Tensor], level: int,
-              query: torch.Tensor, token_mask: Optional[torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One S'MoRE layer's gate on ``query: (N, P, in_l)``: indices and scores ``(N, P, f_l)``, selected keys."""
+              query: _Query, token_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One S'MoRE layer's gate on a query of ``P`` paths per token: indices and scores ``(N, P, f_l)``, selected
+        keys."""
         num_experts, fan_out = config.layer_num_experts[level], plan.fan_out[level]
-        keys, h = router[f"keys_{level}"], query
+        keys = router[f"keys_{level}"]
         if config.gate_arch == "mlp":
-            hidden = F.linear(query, router[f"mlp_in_{level}"], router[f"mlp_in_bias_{level}"])
+            hidden = query.linear(router[f"mlp_in_{level}"], router[f"mlp_in_bias_{level}"])
             hidden = activate(plan.gate_act, hidden, router.get(f"act_{level}") if plan.gate_act == "prelu" else None)
-            h = F.linear(hidden, router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"])
+            out_weight, out_bias = router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"]
         # Router logits and probabilities in float32: bf16 loses the small differences routing depends on.
         # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token weights
         # the aux-loss window caches.
-        mask = token_mask if token_mask is None or query.shape[1] == 1 else \
-            token_mask.unsqueeze(1).expand(-1, query.shape[1]).reshape(-1)
-        if config.gate_type == "noisy_topk":
+        mask = token_mask if token_mask is None or query.paths == 1 else \
+            token_mask.unsqueeze(1).expand(-1, query.paths).reshape(-1)
+        if config.gate_type == "noisy_topk":  # gate_arch is "mlp" (validated)
+            h = F.linear(hidden, out_weight, out_bias)
             keys = F.normalize(keys.float(), dim=-1)
             clean = F.normalize(h.float(), dim=-1) @ keys.T  # (N, P, s) cosine similarity
             index, alpha = self._noisy_top_k(clean, query, router[f"noise_{level}"], fan_out, mask,
                                              config.effective_aux_loss_coef)
         else:
-            logits = h.float() @ keys.float().T  # (N, P, s)
+            if config.gate_arch == "mlp" and self.training:
+                # <h, k_e> with h = W_out a + b_out is <a, W_out^T k_e> + <b_out, k_e>: in training the keys are
+                # folded through the output layer (s x m, tiny), so the (N, P, m) h is neither computed nor kept for
+                # backward. (At inference, with a token or a few, computing h is the cheaper order.)
+                keys32 = keys.float()
+                logits = F.linear(hidden.float(), keys32 @ out_weight.float(), keys32 @ out_bias.float())  # (N, P, s)
+            elif config.gate_arch == "mlp":
+                logits = F.linear(hidden, out_weight, out_bias).float() @ keys.float().T  # (N, P, s)
+            else:  # the linear gate scores the query itself against the keys
+                logits = query.float().linear(keys.float())
             # The full softmax is needed by the dense gate, a fan-out of 1 and the balance loss; not otherwise.
             probs = (torch.softmax(logits, dim=-1) if config.gate_type == "dense" or fan_out == 1 or self.training
                      else None)
@@ -446,13 +484,13 @@ class SMoRELayer(MoeLoraLayer):
         # The selected keys feed the gates of the layer below; the bottom layer has none.
         return index, alpha, (keys[index] if level > 0 else None)
 
-    def _noisy_top_k(self, clean: torch.Tensor, query: torch.Tensor, noise_weight: torch.Tensor, k: int,
+    def _noisy_top_k(self, clean: torch.Tensor, query: _Query, noise_weight: torch.Tensor, k: int,
                      mask: Optional[torch.Tensor], coef: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Noisy top-k gating (Shazeer et al. 2017, Sec. 2.1 and App. A) on cosine logits ``clean: (N, P, s)``."""
         num_experts = clean.shape[-1]
         logits = clean
         if self.training:
-            noise_std = F.softplus(F.linear(query, noise_weight).float()) + NOISE_FLOOR  # a function of the input
+            noise_std = F.softplus(query.linear(noise_weight).float()) + NOISE_FLOOR  # a function of the input
             logits = clean + torch.randn_like(clean) * noise_std
         order = torch.argsort(logits, dim=-1, descending=True, stable=True)[..., :min(k + 1, num_experts)]
         top = torch.gather(logits, -1, order)

@@ -183,3 +183,19 @@ def test_sum_normalize_matches_division_and_its_autograd_gradient():
     torch.testing.assert_close(out, expected.detach())
     torch.testing.assert_close(ours.grad, reference.grad)
     assert torch.autograd.gradcheck(routing.sum_normalize, (values[[0, 3]].clone().requires_grad_(True),))
+
+
+def test_gather_experts_matches_torch_gather_and_keeps_only_the_index():
+    g = torch.Generator().manual_seed(2)
+    outputs = torch.randn(5, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[0, 2], [3, 3], [1, 0], [2, 1], [0, 0]]).unsqueeze(-1).expand(5, 2, 3)
+    upstream = torch.randn(5, 2, 3, generator=g, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = experts.gather_experts(outputs, index)
+    assert all(t.dtype == torch.int64 for t in saved)  # the (N, E, d) outputs are not kept alive
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), outputs)
+    reference = torch.stack([torch.stack([outputs[n, int(index[n, j, 0])] for j in range(2)]) for n in range(5)])
+    (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), outputs)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad_ours, grad_reference)  # repeated picks (token 1, token 4) accumulate
