@@ -126,4 +126,6 @@ class _GatherExperts(torch.autograd.Function):
 
 def gather_experts(outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of the expert axis: ``outputs (N, E, d)``, ``index (N, F, d)`` (expanded expert ids) -> ``(N, F, d)``."""
+    if not (outputs.requires_grad and torch.is_grad_enabled()):
+        return torch.gather(outputs, 1, index)  # nothing is saved without a graph; skip the Function's overhead
     return _GatherExperts.apply(outputs, index)

@@ -249,7 +249,7 @@ class _Query(NamedTuple):
         if self.ancestors is None:
             return F.linear(self.token, weight, bias)
         token_dim = self.token.shape[-1]
-        token_weight, key_weight = weight.split([token_dim, weight.shape[1] - token_dim], dim=1)
+        token_weight, key_weight = weight.split_with_sizes([token_dim, weight.shape[1] - token_dim], dim=1)
         return F.linear(self.token, token_weight, bias) + F.linear(self.ancestors, key_weight)
 
 
