@@ -5,7 +5,8 @@
 
 Measured per method, as ratios to LoRA at the same targets and a matched budget (rank-matched and
 parameter-matched; see ``cases.py``): end-to-end training step time, single-layer forward + backward time, aten ops
-per layer forward + backward at E=4 and E=16 (a device-independent proxy for kernel launches), peak training-step
+one more wrapped layer adds to a training forward + backward at E=4 and E=16 (a device-independent proxy for kernel
+launches), peak training-step
 memory, and ``generate()`` tokens/s with the KV cache. Repetitions of different variants are interleaved.
 
 Modules: ``cases`` (the per-method benchmark configs and targets), ``measure`` (timers, op counter, memory),
