@@ -49,14 +49,10 @@ class AuxLossWindow:
             return None  # e.g. DPO's concatenated batch, or a layer that sees a different token layout
         return self._flat_mask
 
-    def term_totals(self, detach: bool = False) -> dict[str, torch.Tensor]:
-        """Per term, the coefficient-weighted sum over layers as a float32 scalar tensor (0 for a term whose
-        coefficient is 0)."""
-        totals = {}
-        for name, values in self.terms.items():
-            total = _weighted_sum(values, detach, skip_zero=not detach)
-            totals[name] = total if total is not None else values[0][1].new_zeros((), dtype=torch.float32).detach()
-        return totals
+    def term_totals(self) -> dict[str, torch.Tensor]:
+        """Per term, the coefficient-weighted sum over layers as a detached float32 scalar tensor (for logs: no host
+        sync until it is read)."""
+        return {name: _weighted_sum(values, detach=True, skip_zero=False) for name, values in self.terms.items()}
 
     def weighted_total(self) -> Optional[torch.Tensor]:
         """The sum of every term's coefficient-weighted total (what is added to the loss), or None without terms.
@@ -70,7 +66,7 @@ class AuxLossWindow:
 
     def detached_terms(self) -> dict[str, float]:
         """Per term: the coefficient-weighted sum over layers (what was added to the loss)."""
-        return {name: float(value) for name, value in self.term_totals(detach=True).items()}
+        return {name: float(value) for name, value in self.term_totals().items()}
 
 
 def _weighted_sum(values: list[tuple[float, torch.Tensor]], detach: bool, skip_zero: bool) -> Optional[torch.Tensor]:

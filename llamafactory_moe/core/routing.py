@@ -3,7 +3,8 @@
 Conventions (Mixtral's names): ``router_logits`` are pre-normalisation scores, ``router_probs`` their softmax (always
 float32: a bf16 softmax over experts loses the small differences routing depends on), ``routing_weights`` the dense
 ``[N, E]`` gate actually applied (zero for experts a token does not use) and ``selected`` the mask of used experts
-(bool or float 0/1). Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python loop.
+(bool or float 0/1). Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python
+loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize
         router_logits: ``(N, E)``.
         top_k: experts per token; ``None`` or ``E`` keeps all (soft routing).
         statistics: also return ``router_probs`` and ``selected`` (for balance losses and routing logs). Pass
-            ``self.training or aux_loss.wants_routing()``: inference needs neither, and skips their kernels.
+            ``layer.wants_routing_statistics()``: inference needs neither, and skips their kernels.
     Returns:
         ``(routing_weights (N, E) fp32, router_probs (N, E) fp32 | None, selected (N, E) float 0/1 | None)``;
         ``selected`` is None with soft routing (every expert takes every token).

@@ -482,7 +482,7 @@ class _MoeLogAccumulator:
     def add(self, window) -> None:
         # Coefficient-weighted sums over layers, as `window.detached_terms()` but kept as tensors: a float() here would
         # wait for the device on every micro-batch.
-        terms = window.term_totals(detach=True)
+        terms = window.term_totals()
         total = sum(terms.values())
         self.sums["moe_aux_loss"] = self.sums.get("moe_aux_loss", 0.0) + total
         for name, value in terms.items():

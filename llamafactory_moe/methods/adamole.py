@@ -152,7 +152,8 @@ class AdaMoLELayer(MoeLoraLayer):
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         record_routing(self, routing_weights, selected, token_mask)
         return paired_experts(self.moe_dropout[adapter_name](x), self.adamole_A[adapter_name],
-                              self.adamole_B[adapter_name], routing_weights, config.expert_rank, config.scaling, residual)
+                              self.adamole_B[adapter_name], routing_weights, config.expert_rank, config.scaling,
+                              residual)
 
 
 class AdaMoLEModel(MoeLoraTuner):

@@ -436,8 +436,8 @@ class SMoRELayer(MoeLoraLayer):
             hidden = activate(plan.gate_act, hidden, router.get(f"act_{level}") if plan.gate_act == "prelu" else None)
             out_weight, out_bias = router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"]
         # Router logits and probabilities in float32: bf16 loses the small differences routing depends on.
-        # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token weights
-        # the aux-loss window caches.
+        # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token
+        # weights the aux-loss window caches.
         mask = token_mask if token_mask is None or query.paths == 1 else \
             token_mask.unsqueeze(1).expand(-1, query.paths).reshape(-1)
         if config.gate_type == "noisy_topk":  # gate_arch is "mlp" (validated)
