@@ -16,6 +16,18 @@ import torch
 from . import aux_loss
 
 
+def top_k_keep_bias(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(N, E)``: 0 on each token's ``top_k`` highest scores, -inf elsewhere (no gradient). ``exp()`` of it is the
+    float 0/1 selection mask.
+
+    A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified), so
+    routing of equal scores is reproducible; E is small, so sorting costs what topk does.
+    """
+    with torch.no_grad():
+        top_indices = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :top_k]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, top_indices, 0.0)
+
+
 def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True,
                   statistics: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Softmax over experts, keep the top-k per token, optionally renormalise the kept probabilities.
@@ -34,14 +46,10 @@ def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize
     if top_k is None or top_k >= num_experts:
         router_probs = torch.softmax(logits, dim=-1)
         return router_probs, router_probs, None
-    # A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified),
-    # so routing of equal scores is reproducible; E is small, so sorting costs what topk does. The softmax is
-    # monotonic, so the logits sort like the probabilities; only the indices are used, so the sort needs no backward.
-    top_indices = torch.argsort(logits.detach(), dim=-1, descending=True, stable=True)[..., :top_k]
-    # 0 on the kept experts, -inf elsewhere. Added to the logits it drops the others from a softmax: renormalised
-    # top-k weights in one softmax, whose backward is one kernel (the add of a constant has a free backward), instead
-    # of gather -> softmax -> scatter and their three backward kernels.
-    keep_bias = torch.full_like(logits, float("-inf")).scatter_(-1, top_indices, 0.0)
+    # The softmax is monotonic, so the logits select like the probabilities. Added to the logits, the keep-bias drops
+    # the other experts from a softmax: renormalised top-k weights in one softmax, whose backward is one kernel (the
+    # add of a constant has a free backward), instead of gather -> softmax -> scatter and their three backward kernels.
+    keep_bias = top_k_keep_bias(logits, top_k)
     router_probs = torch.softmax(logits, dim=-1) if statistics or not renormalize else None
     selected = keep_bias.exp() if statistics or not renormalize else None  # exp(0) = 1 kept, exp(-inf) = 0 dropped
     if renormalize:

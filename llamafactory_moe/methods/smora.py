@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_float, check_int
 from ..core.experts import paired_experts
-from ..core.routing import record_routing
+from ..core.routing import record_routing, top_k_keep_bias
 
 GATE_EPS = 1e-6  # keeps the gate normaliser away from 0 when biased scores cancel (gate_uses_bias=True)
 
@@ -183,16 +183,15 @@ class SMoRALayer(MoeLoraLayer):
         if config.rank_partition > 1:
             logits = logits.repeat_interleave(config.rank_partition, dim=-1)  # (N, r)
         bias = self.rank_bias(adapter_name).float()
+        # 0 on the k selected ranks, -inf on the others; ties (tied block scores with p > 1, zero bias at init) go to
+        # the lower rank.
         with torch.no_grad():
-            # Stable sort: ties (tied block scores with p > 1, zero bias at init) go to the lower rank on every device.
-            top = torch.argsort(torch.sigmoid(logits) + bias, dim=-1, descending=True, stable=True)
-            # 0 on the k selected ranks, -inf on the others.
-            keep_bias = torch.full_like(logits, float("-inf")).scatter_(-1, top[:, :config.active_ranks], 0.0)
-        selected = keep_bias.exp() if self.wants_routing_statistics() else None
+            keep_bias = top_k_keep_bias(torch.sigmoid(logits) + bias, config.active_ranks)
+        selected = keep_bias.exp() if self.wants_routing_statistics() or config.gate_uses_bias else None
         if config.gate_uses_bias:
             # As shipped: the biased scores are the gate values. They can be negative, so the sum is kept away from 0
             # on its own side.
-            kept = (torch.sigmoid(logits) + bias) * keep_bias.exp()
+            kept = (torch.sigmoid(logits) + bias) * selected
             total = kept.sum(dim=-1, keepdim=True)
             return kept / torch.where(total >= 0, total.clamp_min(GATE_EPS), total.clamp_max(-GATE_EPS)), selected
         # Sigmoid scores normalised over the selected ranks, s_j / sum_sel s = a softmax of log s_j over them: one

@@ -258,9 +258,11 @@ class SMoRELayer(MoeLoraLayer):
     adapter_layer_names = ("smore_experts", "smore_router")
     module_dict_names = ("smore_experts", "smore_router")
 
+    def __init__(self, *args, **kwargs) -> None:
+        self._plans: dict[str, _Plan] = {}  # adapter -> its forward plan (set before the base __init__ creates one)
+        super().__init__(*args, **kwargs)
+
     def create_adapter(self, adapter_name: str, config: SMoREConfig) -> None:
-        if not hasattr(self, "_plans"):
-            self._plans: dict[str, _Plan] = {}
         self._plans[adapter_name] = _Plan(config.hidden_dims, config.fan_out, config.layer_scaling,
                                           parse_activation("expert_act_fn", config.expert_act_fn)[0],
                                           parse_activation("gate_act_fn", config.gate_act_fn)[0])
