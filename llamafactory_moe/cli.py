@@ -25,14 +25,13 @@ def _sparkline(values: list[float]) -> str:
 
 
 def demo_config_path(method: str) -> Path:
-    """``configs/demo/<method>_cpu.yaml``: inside the wheel (``llamafactory_moe/demo_configs``) or the source tree."""
-    package_dir = Path(__file__).resolve().parent
-    for root in (package_dir / "demo_configs", package_dir.parent / "configs" / "demo"):
-        if (root / f"{method}_cpu.yaml").is_file():
-            return root / f"{method}_cpu.yaml"
-    available = sorted(p.name[: -len("_cpu.yaml")] for root in (package_dir / "demo_configs",
-                                                                 package_dir.parent / "configs" / "demo")
-                       if root.is_dir() for p in root.glob("*_cpu.yaml"))
+    """``configs/demo/<method>_cpu.yaml``, from the installed wheel or the checkout."""
+    from .project_files import project_folder
+
+    root = project_folder("configs") / "demo"
+    if (root / f"{method}_cpu.yaml").is_file():
+        return root / f"{method}_cpu.yaml"
+    available = sorted(p.name[: -len("_cpu.yaml")] for p in root.glob("*_cpu.yaml"))
     raise SystemExit(f"llamafactory-moe demo: --method {method!r} has no CPU demo config; choose one of {available}")
 
 
@@ -73,14 +72,19 @@ def run_demo(args: argparse.Namespace) -> int:
 
     logs = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
     logs = [row for row in logs if "loss" in row]
-    losses = [row["loss"] for row in logs]
-    aux = [row.get("moe_aux_loss", 0.0) for row in logs]
-    # The logged `loss` is what was minimised: the LM loss plus the weighted aux terms (summed over layers).
-    lm = [total - extra for total, extra in zip(losses, aux)]
-    print(f"\nLM loss   {lm[0]:.3f} {_sparkline(lm)} {lm[-1]:.3f}")
-    print(f"aux loss  {aux[0]:.4f} {_sparkline(aux)} {aux[-1]:.4f}")
-    for name in ("training_loss.png", "training_moe_aux_loss.png"):
-        print(f"plot: {output_dir / name}")
+    # The logged `loss` is what was minimised: the LM loss plus the weighted aux terms (`moe_aux_loss`, summed over
+    # the wrapped layers). `lm_loss` is logged beside it; stock LoRA logs have only `loss`, which is the LM loss.
+    lm = [row.get("lm_loss", row["loss"]) for row in logs]
+    has_aux = any("moe_aux_loss" in row for row in logs)
+    print(f"\nLM loss   {lm[0]:.3f} {_sparkline(lm)} {lm[-1]:.3f}   (lm_loss: compare it with stock LoRA's loss)")
+    if has_aux:
+        aux = [row.get("moe_aux_loss", 0.0) for row in logs]
+        print(f"aux loss  {aux[0]:.4f} {_sparkline(aux)} {aux[-1]:.4f}   (moe_aux_loss; logged loss = lm_loss + aux)")
+    plots = {"training_lm_loss.png": "LM loss", "training_moe_aux_loss.png": "aux loss",
+             "training_loss.png": "logged loss = LM loss + aux loss" if has_aux else "loss"}
+    for name, what in plots.items():
+        if (output_dir / name).is_file():
+            print(f"plot: {output_dir / name}  ({what})")
 
     print("\n[3/3] chatting with base model + adapter (unmerged, through LLaMA-Factory's ChatModel)")
     from llamafactory.chat import ChatModel
@@ -140,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                               "both compete for the same cores)")
     compare.set_defaults(func=run_compare)
     from .analysis.analyze import add_parser as add_analyze_parser
+    from .project_files import add_parser as add_copy_configs_parser
 
     add_analyze_parser(sub)
+    add_copy_configs_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Preset", "PresetError", "load_preset", "run_compare", "trainable_parameters"]
+from .project_files import project_folder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["Preset", "PresetError", "load_preset", "run_compare", "trainable_parameters"]
 
 TOP_LEVEL_KEYS = {
     "description": "free text, shown at the top of comparison.md",
@@ -56,7 +56,7 @@ TOP_LEVEL_KEYS = {
 }
 REQUIRED_KEYS = ("model", "template", "dataset", "dataset_dir", "runs", "eval")
 EVAL_KEYS = {
-    "config": "file name in the checkout's eval_configs/ (default commonsense_eval.py), or a path to a config",
+    "config": "file name in the shipped eval_configs/ (default commonsense_eval.py), or a path to a config",
     "tasks": "list (or comma string) of tasks -> MOE_EVAL_TASKS",
     "limit": "first N examples per task -> MOE_EVAL_LIMIT",
     "mode": "gen | ppl | choice (whatever the eval config accepts) -> MOE_EVAL_MODE",
@@ -165,13 +165,14 @@ def load_preset(path: str | os.PathLike) -> Preset:
     if unknown:
         raise PresetError(f"{path}: unknown `eval` key(s) {unknown}; allowed: {sorted(EVAL_KEYS)}")
     config = str(evaluation.get("config", "commonsense_eval.py"))
-    # A name is looked up in the source checkout's eval_configs/ (the wheel does not ship them); a path is used as is.
-    candidates = (Path(config).expanduser(), REPO_ROOT / "eval_configs" / config)
+    # A name is one of the shipped eval_configs/ (wheel or checkout: llamafactory_moe.project_files); a path is used as
+    # is.
+    shipped = project_folder("eval_configs")
+    candidates = (Path(config).expanduser(), shipped / config)
     config_path = next((c for c in candidates if c.is_file()), None)
     if config_path is None:
-        raise PresetError(f"{path}: `eval.config` ({config!r}) is not a file in {REPO_ROOT / 'eval_configs'} nor a "
-                          "path to one; name a config there (e.g. commonsense_eval.py) or give the path of a "
-                          "repository checkout's eval_configs/<file>")
+        raise PresetError(f"{path}: `eval.config` ({config!r}) is not a file in {shipped} nor a path to one; name a "
+                          "shipped config (e.g. commonsense_eval.py) or give the path of your own")
     if "limit" in evaluation and not (isinstance(evaluation["limit"], int) and evaluation["limit"] >= 1):
         raise PresetError(f"{path}: `eval.limit` must be an integer >= 1 (or absent for all examples); "
                           f"got {evaluation['limit']!r}")

@@ -248,18 +248,29 @@ def _packaged_data_dir() -> Path:
 
 
 def _maybe_use_packaged_data(data_args) -> None:
-    """With no ./data/dataset_info.json, fall back to our demo data if it defines every requested dataset."""
-    if data_args.dataset_dir != "data" or os.path.isfile(os.path.join("data", "dataset_info.json")):
+    """``dataset_dir: data`` (LLaMA-Factory's default) that does not define the requested datasets, all of which are
+    our packaged demo sets (``moe_demo``): read them from the package. A ./data/dataset_info.json that defines any of
+    them wins, so a user's own definitions are never overridden."""
+    if data_args.dataset_dir != "data":
         return
     info_path = _packaged_data_dir() / "dataset_info.json"
     if not info_path.is_file():
         return
     known = set(json.loads(info_path.read_text()))
     wanted = list(data_args.dataset or []) + list(data_args.eval_dataset or [])
-    if wanted and all(name in known for name in wanted):
-        data_args.dataset_dir = str(_packaged_data_dir())
-        if data_args.media_dir in (None, "data"):
-            data_args.media_dir = data_args.dataset_dir
+    if not wanted or not all(name in known for name in wanted):
+        return
+    local_info = os.path.join("data", "dataset_info.json")
+    if os.path.isfile(local_info):
+        try:
+            with open(local_info, encoding="utf-8") as f:
+                if set(json.load(f)) & set(wanted):
+                    return
+        except (OSError, ValueError):
+            return  # LLaMA-Factory reports the broken file itself
+    data_args.dataset_dir = str(_packaged_data_dir())
+    if data_args.media_dir in (None, "data"):
+        data_args.media_dir = data_args.dataset_dir
 
 
 def _expand_user_paths(model_args) -> None:
