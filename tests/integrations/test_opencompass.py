@@ -390,17 +390,11 @@ def test_opencompass_cli_end_to_end(kind, scenario, config, env, tiny_model, ada
     assert kind in Path(next((tmp_path / "out").glob("*/summary/summary_*.csv"))).read_text().splitlines()[0]
 
 
-SMOLLM2 = Path(os.environ.get("LLAMAFACTORY_MOE_CACHE", Path.home() / ".cache" / "llamafactory_moe")) \
-    / "smollm2-135m-instruct"
-
-
 @pytest.mark.slow
 @needs_shared_data
-@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
-                    reason="SmolLM2 not prepared; run `python -m llamafactory_moe.models`")
-def test_opencompass_ppl_on_smollm2(tmp_path):
+def test_opencompass_ppl_on_smollm2(smollm2_model, tmp_path):
     """A real pretrained model, no adapter: PPL commonsense on a few examples gives real accuracies."""
-    result = run_opencompass("commonsense_eval.py", dict(MOE_BASE_MODEL=str(SMOLLM2), MOE_EVAL_MODE="ppl",
+    result = run_opencompass("commonsense_eval.py", dict(MOE_BASE_MODEL=smollm2_model, MOE_EVAL_MODE="ppl",
                                                          MOE_EVAL_TASKS="boolq,piqa", MOE_EVAL_LIMIT="10"),
                              tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -411,9 +405,7 @@ def test_opencompass_ppl_on_smollm2(tmp_path):
 
 @pytest.mark.slow
 @needs_shared_data
-@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(),
-                    reason="SmolLM2 not prepared; run `python -m llamafactory_moe.models`")
-def test_opencompass_choice_on_smollm2_is_above_chance(tmp_path):
+def test_opencompass_choice_on_smollm2_is_above_chance(smollm2_model, tmp_path):
     """A real pretrained model, no adapter: option-text likelihood beats chance where label PPL could not.
 
     ARC-Easy, first 40 questions, 4 options (chance 25%): SmolLM2-135M-Instruct scored 45% acc_norm and 47.5% acc
@@ -421,7 +413,7 @@ def test_opencompass_choice_on_smollm2_is_above_chance(tmp_path):
     BoolQ and PIQA). The 37.5% bar (15 of 40; chance expects 10 and reaches 15 with p = 0.054) leaves a 3-question
     margin for numerical drift.
     """
-    result = run_opencompass("commonsense_eval.py", dict(MOE_BASE_MODEL=str(SMOLLM2), MOE_EVAL_MODE="choice",
+    result = run_opencompass("commonsense_eval.py", dict(MOE_BASE_MODEL=smollm2_model, MOE_EVAL_MODE="choice",
                                                          MOE_EVAL_TASKS="arc-e", MOE_EVAL_LIMIT="40"),
                              tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
