@@ -25,11 +25,11 @@ Environment variables (all optional except where a default cannot be found):
 
 Nothing is downloaded: missing data or models stop the run with a message naming the expected path.
 """
-# Only standard-library imports here: mmengine would turn any other import into a lazy placeholder that cannot be
-# called while the config is parsed (specs/opencompass-integration.md §1.4). import_module really imports.
-from importlib import import_module
-
-_oc = import_module('llamafactory_moe.integrations.opencompass')
+# No import statement on purpose. mmengine parses a config that imports anything it does not consider built in (its
+# test compares the module's path with the running interpreter's prefix, so in a venv even `importlib` fails it) in
+# "lazy import" mode, where every imported name is a placeholder that raises a bare RuntimeError when called. A file
+# without import statements is executed as plain Python, and the builtin __import__ really imports.
+_oc = __import__('llamafactory_moe.integrations.opencompass', fromlist=['model_config'])
 # '{{ fileDirname }}' is replaced by mmengine with this file's directory (used for the ../shared/data default).
 _settings = _oc.settings_from_env('{{ fileDirname }}', default_max_out_len=128)
 

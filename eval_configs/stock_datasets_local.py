@@ -13,10 +13,10 @@ specs/opencompass-integration.md §3.2). Setting COMPASS_DATA_CACHE=<folder cont
 Environment variables: MOE_OC_DATA (required), and the model variables of commonsense_eval.py (MOE_BASE_MODEL,
 MOE_ADAPTER, MOE_EVAL_BATCH_SIZE, MOE_MAX_OUT_LEN, MOE_NUM_GPUS, MOE_EVAL_LIMIT, MOE_CHAT_TEMPLATE, MOE_MODEL_ABBR).
 """
-from importlib import import_module
-from os import getenv
-import os.path as osp
-
+# `read_base` puts mmengine in "lazy import" mode: any other import statement whose module mmengine does not consider
+# built in (in a venv that includes `importlib` and, before Python 3.11, `os`) becomes a placeholder that raises a bare
+# RuntimeError when called. So the only import statements are OpenCompass's configs; the builtin __import__ really
+# imports the rest.
 from mmengine.config import read_base
 
 with read_base():
@@ -31,23 +31,24 @@ _LOCAL_FILES = {
     'ARC-e': 'data/ARC/ARC-e/ARC-Easy-Dev.jsonl',
     'BoolQ': 'data/SuperGLUE/BoolQ/val.jsonl',
 }
-_root = getenv('MOE_OC_DATA')
+_os = __import__('os')
+_root = _os.environ.get('MOE_OC_DATA')
 if not _root:
     raise ValueError('`MOE_OC_DATA` is not set: point it at the folder that contains data/ARC/... '
                      '(the OpenCompassData release, published by OpenCompass on GitHub); nothing is downloaded.')
 
 datasets = [*ARC_c_datasets, *ARC_e_datasets, *BoolQ_datasets]
-_limit = getenv('MOE_EVAL_LIMIT')
+_limit = _os.environ.get('MOE_EVAL_LIMIT')
 for _d in datasets:
-    _file = osp.join(_root, _LOCAL_FILES[_d['abbr']])
-    if not osp.isfile(_file):
+    _file = _os.path.join(_root, _LOCAL_FILES[_d['abbr']])
+    if not _os.path.isfile(_file):
         raise FileNotFoundError(f"{_d['abbr']}: expected {_file} (MOE_OC_DATA={_root}); nothing is downloaded.")
     _d['path'] = _file  # an absolute path is used as is (opencompass.utils.datasets.get_data_path)
     if _limit:
         _d['reader_cfg']['test_range'] = f'[0:{int(_limit)}]'
 
-_oc = import_module('llamafactory_moe.integrations.opencompass')
+_oc = __import__('llamafactory_moe.integrations.opencompass', fromlist=['model_config'])
 _settings = _oc.settings_from_env('.', default_max_out_len=32, needs_data=False)
 models = [_oc.model_config(_settings)]
 
-del _oc, _settings, _d, _file, _root, _limit, import_module, getenv, osp
+del _oc, _settings, _d, _file, _root, _limit, _os
