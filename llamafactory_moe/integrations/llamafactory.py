@@ -6,9 +6,10 @@ Flow of ``llamafactory-cli train x.yaml`` with ``finetuning_type: smora``:
    cross-dataclass settings (stage, gradient checkpointing mode, adapters to resume, data fallback).
 2. loader: ``init_adapter`` builds our PEFT model (new adapter) or loads ours unmerged (resume / inference).
 3. trainers: ``compute_loss`` opens the aux-loss window, adds the recorded terms with HF's gradient-accumulation
-   scaling; ``log`` adds ``moe_*`` metrics (averaged over steps and ranks) next to ``loss``.
-4. callbacks and plots: ``trainer_log.jsonl`` and ``training_moe_aux_loss.png`` carry the aux terms; a trainer callback
-   runs once-per-optimizer-step updates (SMoRA's balancing) after each optimizer step.
+   scaling; ``log`` adds ``moe_*`` metrics (averaged over steps and ranks exactly as HF averages ``loss``) and
+   ``lm_loss`` (``loss`` without the aux terms) next to ``loss``.
+4. callbacks and plots: ``trainer_log.jsonl``, ``training_lm_loss.png`` and ``training_moe_aux_loss.png`` carry them;
+   a trainer callback runs once-per-optimizer-step updates (SMoRA's balancing) after each optimizer step.
 """
 
 from __future__ import annotations
@@ -483,23 +484,39 @@ def _mark_zero3_leaf_modules(model) -> None:
 # 3. Trainers: aux losses in the loss, metrics in the logs.
 # ---------------------------------------------------------------------------------------------------------------------
 class _MoeLogAccumulator:
-    """Detached aux-loss and routing statistics since the last log, per rank."""
+    """Detached aux-loss and routing statistics since the last log, per rank.
+
+    The aux terms are averaged the way transformers' Trainer averages ``loss`` (see ``_wrap_log``): each micro-batch
+    counts ``weight = 1 / current_gradient_accumulation_steps``, so ``sums / steps`` is the mean over optimizer steps
+    of the mean over each step's micro-batches, also when an epoch's last step has fewer micro-batches.
+    """
 
     def __init__(self):
         self.sums: dict[str, Any] = {}  # detached scalar tensors, read back to the host only when logging
-        self.steps = 0
+        self.steps = 0.0  # optimizer steps covered: the sum of the micro-batch weights
         self.routing: dict[str, Any] = {}
 
-    def add(self, window) -> None:
+    def add(self, window, weight: float = 1.0, replaced=None, restart: int = 0) -> None:
+        """Add one training micro-batch with ``weight = 1 / current_gradient_accumulation_steps``.
+
+        ``replaced``: a bool tensor (not a bool: no host sync), True when the Trainer's ``logging_nan_inf_filter``
+        replaces this micro-batch's loss by ``tr_loss / (1 + restart)`` (``restart``: optimizer steps since the last
+        log); the aux sums then take the same replacement, so they stay the aux share of what the Trainer logs."""
+        import torch
+
         # Coefficient-weighted sums over layers, as `window.detached_terms()` but kept as tensors: a float() here would
         # wait for the device on every micro-batch.
         terms = window.term_totals()
-        total = sum(terms.values())
-        self.sums["moe_aux_loss"] = self.sums.get("moe_aux_loss", 0.0) + total
+        terms = {"aux_loss": sum(terms.values()), **terms}
         for name, value in terms.items():
             key = f"moe_{name}"
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.steps += 1
+            previous = self.sums.get(key, 0.0)
+            added = previous + weight * value
+            if replaced is not None:
+                condition = replaced.to(added.device) if isinstance(added, torch.Tensor) else replaced
+                added = torch.where(condition, previous + previous / (1 + restart), added)
+            self.sums[key] = added
+        self.steps += weight
         for layer_name, records in window.routing.items():
             for record in records:
                 accumulate(self.routing.setdefault(layer_name, {}), record)
@@ -530,21 +547,34 @@ def _wrap_compute_loss(original, module):
         with aux_loss.collect(token_mask=token_mask, collect_routing=collect_routing) as window:
             result = original(self, model, inputs, *args, **kwargs)
         aux_total = window.weighted_total()
-        accumulator = self.__dict__.setdefault("_moe_log_accumulator", _MoeLogAccumulator())
-        accumulator.add(window)
-        if aux_total is None:
-            return result
         # Mirror transformers' Trainer.training_step: it divides the returned loss by the accumulation steps only when
         # the model does not normalise by `num_items_in_batch` itself; aux terms are per-micro-batch means, so they
         # must be divided either way.
+        accumulation = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         num_items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
         hf_divides = ((not getattr(self, "model_accepts_loss_kwargs", False) or num_items is None)
                       and getattr(self, "compute_loss_func", None) is None)
-        scale = 1.0 if hf_divides else 1.0 / max(int(getattr(self, "current_gradient_accumulation_steps", 1)), 1)
-        if isinstance(result, tuple):
-            loss, *rest = result
-            return (loss + scale * aux_total.to(loss.dtype), *rest)
-        return result + scale * aux_total.to(result.dtype)
+        scale = 1.0 if hf_divides else 1.0 / accumulation
+        if aux_total is not None:
+            if isinstance(result, tuple):
+                loss, *rest = result
+                result = (loss + scale * aux_total.to(loss.dtype), *rest)
+            else:
+                result = result + scale * aux_total.to(result.dtype)
+        # Either way each aux term enters the Trainer's `tr_loss` as `aux / accumulation`: the accumulator weights it
+        # so, and replaces it where the Trainer replaces a non-finite micro-batch loss (`logging_nan_inf_filter`).
+        replaced = None
+        if getattr(self.args, "logging_nan_inf_filter", False) and hasattr(self, "_globalstep_last_logged"):
+            import torch
+            from transformers.utils import is_torch_xla_available
+
+            if not is_torch_xla_available():
+                total = result[0] if isinstance(result, tuple) else result
+                replaced = ~torch.isfinite(total.detach()).all()
+        accumulator = self.__dict__.setdefault("_moe_log_accumulator", _MoeLogAccumulator())
+        accumulator.add(window, weight=1.0 / accumulation, replaced=replaced,
+                        restart=self.state.global_step - getattr(self, "_globalstep_last_logged", 0))
+        return result
 
     return compute_loss
 
@@ -589,10 +619,39 @@ def _wrap_log(original, module):
             if getattr(self.args, "world_size", 1) > 1:
                 values = self.accelerator.reduce(values, reduction="mean")
             logs.update({k: round(float(v), 6) for k, v in zip(keys, values.tolist())})
+            _insert_lm_loss(logs)
             self.__dict__["_moe_log_accumulator"] = _MoeLogAccumulator()
         return original(self, logs, *args, **kwargs)
 
     return log
+
+
+def _insert_lm_loss(logs: dict) -> None:
+    """Put ``lm_loss = loss - moe_aux_loss`` right after ``loss`` (in place, keeping ``logs`` the same dict).
+
+    Why the difference is exact (transformers 4.57 ``Trainer``). With ``G`` = ``current_gradient_accumulation_steps``
+    (the micro-batches of this optimizer step), ``training_step`` returns per micro-batch either ``(lm + aux) / G`` (the
+    Trainer divides: the model ignores ``num_items_in_batch``, as in dpo/kto/rm and multimodal sft) or
+    ``lm_part + aux / G`` (the model or ``compute_loss_func`` normalises by the tokens of the whole accumulation window;
+    ``compute_loss`` above divides the aux terms itself). ``tr_loss`` sums these over the micro-batches since the last
+    log; ``_maybe_log_save_evaluate`` takes the mean over ranks, divides by the optimizer steps since the last log and
+    rounds to 4 decimals. That is linear in the aux share ``sum(aux / G)``, which ``_MoeLogAccumulator`` sums the same
+    way (weight ``1 / G``, the NaN/inf filter's replacement mirrored), divides by the same step count (the sum of the
+    weights, also when an epoch's last step has fewer micro-batches) and ``log`` averages over ranks the same way. So
+    ``moe_aux_loss`` is exactly the aux share of ``loss`` and ``loss - moe_aux_loss`` is the logged objective without
+    the aux terms, in the same units: the LM loss for pt/sft; for dpo/kto/rm the stage's own objective (preference or
+    pairwise ranking loss, with its ftx term if any), under the same key. It inherits ``loss``'s 4-decimal rounding
+    (<= 5e-5); the aux keys carry 6 decimals, so ``lm_loss + moe_aux_loss == loss`` to float precision. Eval losses
+    never contain aux terms (``compute_loss`` adds them in training only), so no ``eval_lm_loss`` is needed.
+    """
+    loss, aux = logs.get("loss"), logs.get("moe_aux_loss")
+    if not isinstance(loss, (int, float)) or not isinstance(aux, (int, float)):
+        return
+    items = list(logs.items())
+    at = next(i for i, (key, _) in enumerate(items) if key == "loss") + 1
+    items.insert(at, ("lm_loss", round(loss - aux, 6)))
+    logs.clear()
+    logs.update(items)
 
 
 def _wrap_create_optimizer(original, module):
@@ -634,7 +693,7 @@ def _wrap_run_exp(original, module):
 def _wrap_log_callback_on_log(original, module):
     def on_log(self, args, state, control, **kwargs):
         last = state.log_history[-1] if state.log_history else {}
-        extra = {k: v for k, v in last.items() if k.startswith("moe_")}
+        extra = {k: v for k, v in last.items() if k == "lm_loss" or k.startswith("moe_")}
         if not extra:
             return original(self, args, state, control, **kwargs)
         write = type(self)._write_log
@@ -655,8 +714,10 @@ def _wrap_plot_loss(original, module):
         if os.path.isfile(state_path):
             with open(state_path, encoding="utf-8") as f:
                 history = json.load(f).get("log_history", [])
-            ours = sorted({k for entry in history for k in entry if k.startswith("moe_")})
-            keys += [k for k in ours if k not in keys]
+            logged = {k for entry in history for k in entry}
+            if "lm_loss" in logged and "lm_loss" not in keys:  # training_lm_loss.png, beside training_loss.png
+                keys.insert(keys.index("loss") + 1 if "loss" in keys else len(keys), "lm_loss")
+            keys += sorted(k for k in logged if k.startswith("moe_") and k not in keys)
         return original(save_dictionary, keys=keys)
 
     return plot_loss
@@ -691,11 +752,11 @@ PATCHES: list[Patch] = [
           "add the once-per-optimizer-step callback (the CLI offers no way to pass callbacks)", VERIFIED,
           ("args", "callbacks")),
     Patch("log_callback", "llamafactory.train.callbacks", "LogCallback.on_log", _wrap_log_callback_on_log,
-          "write moe_* metrics into trainer_log.jsonl (LogCallback hard-codes its keys)", VERIFIED,
+          "write lm_loss and moe_* metrics into trainer_log.jsonl (LogCallback hard-codes its keys)", VERIFIED,
           ("self", "args", "state", "control")),
     Patch("plot_loss", "llamafactory.extras.ploting", "plot_loss", _wrap_plot_loss,
-          "plot moe_* curves (training_moe_aux_loss.png) beside the loss plot", VERIFIED,
-          ("save_dictionary", "keys")),
+          "plot lm_loss and moe_* curves (training_lm_loss.png, training_moe_aux_loss.png) beside the loss plot",
+          VERIFIED, ("save_dictionary", "keys")),
 ] + [
     row
     for module_name, cls in _TRAINERS
@@ -703,7 +764,8 @@ PATCHES: list[Patch] = [
         Patch(f"{cls}.compute_loss", module_name, f"{cls}.compute_loss", _wrap_compute_loss,
               "add in-layer aux losses with HF's gradient-accumulation scaling", VERIFIED, ("self", "model", "inputs")),
         Patch(f"{cls}.log", module_name, f"{cls}.log", _wrap_log,
-              "log moe_* metrics (mean over steps and ranks) next to the loss", VERIFIED, ("self", "logs")),
+              "log moe_* metrics (averaged over steps and ranks as HF averages the loss) and lm_loss (the loss "
+              "without the aux terms) next to the loss", VERIFIED, ("self", "logs")),
         Patch(f"{cls}.create_optimizer", module_name, f"{cls}.create_optimizer", _wrap_create_optimizer,
               "DeepSpeed: drop empty param groups before HF builds the LR scheduler (DeepSpeed drops them after, "
               "so the first lr_scheduler.step() fails: zip() argument 2 is longer than argument 1)", VERIFIED,

@@ -44,7 +44,14 @@ def test_train_writes_peft_checkpoint_and_aux_logs(trained):
     assert len(step_logs) == 4 and all(row.get("moe_aux_loss", 0) > 0 for row in step_logs)
     state = json.loads((out / "trainer_state.json").read_text())
     assert any("moe_balance_loss" in e for e in state["log_history"])
+    state_logs = [e for e in state["log_history"] if "loss" in e]
+    # `loss` is what was minimised, LM loss + aux terms; `lm_loss` is the LM loss alone (in both files, every step).
+    for row in step_logs + state_logs:
+        assert abs(row["lm_loss"] + row["moe_aux_loss"] - row["loss"]) < 1e-4, row
+        assert row["lm_loss"] < row["loss"], row
+    assert [r["lm_loss"] for r in step_logs] == [e["lm_loss"] for e in state_logs]
     assert (out / "training_moe_aux_loss.png").stat().st_size > 1000
+    assert (out / "training_lm_loss.png").stat().st_size > 1000
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
 

@@ -219,3 +219,5 @@ def test_moe_metrics_are_averaged_across_ranks(tmp_path):
     assert got["moe_router_entropy"] == pytest.approx((0.0 + 0.5 / math.log(2)) / 2)  # nats per token / log E
     assert got["moe_dropped_expert_frac"] == pytest.approx((0.5 + 0.75) / 2)  # 1 - selections / (tokens * E)
     assert got["loss"] == 1.0
+    assert got["lm_loss"] == pytest.approx(1.0 - 2.0)  # the logged loss without the rank-averaged aux terms
+    assert list(got)[:2] == ["loss", "lm_loss"]
