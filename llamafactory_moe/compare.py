@@ -60,7 +60,8 @@ EVAL_KEYS = {
     "tasks": "list (or comma string) of tasks -> MOE_EVAL_TASKS",
     "limit": "first N examples per task -> MOE_EVAL_LIMIT",
     "mode": "gen | ppl | choice (whatever the eval config accepts) -> MOE_EVAL_MODE",
-    "data_dir": "data root holding commonsense/<task>/test.json -> MOE_EVAL_DATA (default: ../shared/data)",
+    "data_dir": "data root holding commonsense/<task>/test.json -> MOE_EVAL_DATA (default: $MOE_EVAL_DATA, else "
+                "../shared/data next to the checkout)",
     "batch_size": "inference batch size -> MOE_EVAL_BATCH_SIZE",
     "env": "any other MOE_* variable, e.g. {MOE_CHAT_TEMPLATE: 1}",
 }
@@ -267,8 +268,11 @@ def eval_env(preset: Preset, model: str, adapter: Path | None, name: str) -> dic
     for key, var in (("limit", "MOE_EVAL_LIMIT"), ("mode", "MOE_EVAL_MODE"), ("batch_size", "MOE_EVAL_BATCH_SIZE")):
         if settings.get(key) is not None:
             env[var] = str(settings[key])
-    if settings.get("data_dir"):
-        env["MOE_EVAL_DATA"] = str(Path(settings["data_dir"]).expanduser().resolve())
+    # Other MOE_* variables of the caller are not passed on (_child_env), but a data root set for the shell is the
+    # natural default: an installed wheel has no ../shared/data beside its eval configs.
+    data_dir = settings.get("data_dir") or os.environ.get("MOE_EVAL_DATA")
+    if data_dir:
+        env["MOE_EVAL_DATA"] = str(Path(data_dir).expanduser().resolve())
     env.update({str(k): str(v) for k, v in (settings.get("env") or {}).items()})
     return env
 
