@@ -437,7 +437,8 @@ def evaluate_run(preset: Preset, run_dir: Path, outcome: dict) -> dict:
 
 def read_curves(trainer_log: Path) -> dict:
     """Steps, LM loss and aux loss from a ``trainer_log.jsonl``. The logged ``loss`` is what was minimised, the LM
-    loss plus the weighted aux terms (``moe_aux_loss``), so the LM loss is their difference. Stock LoRA logs no aux."""
+    loss plus the weighted aux terms (``moe_aux_loss``); the LM loss is logged as ``lm_loss`` (logs written before it
+    was: their difference). Stock LoRA logs no aux, and its ``loss`` is the LM loss."""
     steps, lm, aux = [], [], []
     if not trainer_log.is_file():
         return dict(steps=steps, lm_loss=lm, aux_loss=None)
@@ -451,7 +452,7 @@ def read_curves(trainer_log: Path) -> dict:
         extra = row.get("moe_aux_loss")
         has_aux = has_aux or extra is not None
         steps.append(row["current_steps"])
-        lm.append(row["loss"] - (extra or 0.0))
+        lm.append(row.get("lm_loss", row["loss"] - (extra or 0.0)))
         aux.append(extra or 0.0)
     return dict(steps=steps, lm_loss=lm, aux_loss=aux if has_aux else None)
 
@@ -524,7 +525,7 @@ def plot_curves(outcomes: list[dict], path: Path) -> None:
         else:
             # Keep one legend entry per method in both panels; a method without an aux loss says so.
             ax_aux.plot([], [], color=line.get_color(), label=f"{label}: no aux loss")
-    ax_lm.set(title="LM loss (logged loss - aux loss)", xlabel="training step", ylabel="LM loss")
+    ax_lm.set(title="LM loss (lm_loss = logged loss - aux loss)", xlabel="training step", ylabel="LM loss")
     ax_aux.set(title="aux loss (weighted, summed over layers)", xlabel="training step", ylabel="aux loss")
     if any_aux and all(v > 0 for line in ax_aux.get_lines() for v in line.get_ydata()):
         ax_aux.set_yscale("log")  # aux terms of different methods differ by orders of magnitude
@@ -572,7 +573,7 @@ def write_outputs(preset: Preset, out_dir: Path, outcomes: list[dict]) -> str:
         table,
         *([f"Requested but skipped by the eval config, so not in the table: {', '.join(skipped)}.", ""]
           if skipped else []),
-        "Loss curves: curves.png (LM loss = logged loss - aux loss; aux loss as logged).",
+        "Loss curves: curves.png (LM loss = lm_loss, the logged loss without moe_aux_loss; aux loss as logged).",
         "",
     ]
     (out_dir / "comparison.md").write_text("\n".join(notes))
