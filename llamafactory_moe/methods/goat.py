@@ -30,6 +30,9 @@ Deviations:
 - The balance loss ignores padding tokens (upstream counts them, §2.10.4). One dropout mask is shared by all experts
   (upstream draws one per expert).
 - A layer whose min(out, in) < E*r raises an error (upstream silently leaves it unwrapped).
+- Top-k ties go to the lower expert index (a stable descending sort, core.routing.top_k_keep_bias); upstream's
+  `torch.topk` leaves the order of equal scores unspecified (it may differ by device). Only exactly equal scores
+  are affected.
 """
 
 from __future__ import annotations

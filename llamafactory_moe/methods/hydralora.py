@@ -16,6 +16,9 @@ Reference code: Clin0212/HydraLoRA@afb693bc1238 (specs/methods_d2mora_goat_adamo
 Deviations:
 - The number of heads is set by the user (`num_experts`); upstream can also pick it by k-means / DBSCAN on the data.
 - The router reads the input without dropout and its weights and logits are float32 (upstream casts only the softmax).
+- One dropout mask per token, shared by all heads, and A applied once: upstream recomputes A for every head and draws
+  an independent dropout mask per head. Without dropout (eval, or `lora_dropout: 0`) the two are equal; in training
+  with dropout the per-head noise differs (the expectation does not).
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ This is the token-level variant used as "MOELoRA" / "MixLoRA" in D2MoRA's and S'
 (specs/methods_d2mora_goat_adamole.md §4.1). The original MOELoRA (Liu et al. 2023) gates on a task embedding instead
 of the token; we route on the token so no task id is needed at inference.
 
-Deviations: none from the spec; experts are computed as one stacked GEMM pair (core.experts.paired_experts).
+Deviations:
+- Experts are computed as one stacked GEMM pair (core.experts.paired_experts), not a loop over experts.
+- Top-k ties go to the lower expert index (a stable descending sort, core.routing.top_k_keep_bias); upstream's
+  `torch.topk` leaves the order of equal scores unspecified (it may differ by device). Only exactly equal scores
+  are affected.
 """
 
 from __future__ import annotations

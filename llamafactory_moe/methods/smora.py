@@ -36,6 +36,8 @@ Deviations (from the shipped code; spec §A.5 and §A.12):
 * The gate normaliser sum_{i in I} v_i is kept at least 1e-6 away from zero (unguarded upstream).
 * `bias_update_rate` is configurable (hard-coded 1e-5 upstream); the unused `epsilon_greedy` and ignored
   `dense_compute` flags are dropped; the TVM gather kernels are replaced by the dense masked GEMMs above.
+* Rank selection ties (equal biased scores, e.g. tied block scores with p > 1) go to the lower rank index (a stable
+  descending sort); upstream's `torch.topk` leaves the order of equal scores unspecified.
 * Keys are `smora_A`, `smora_B`, `smora_router`, `smora_bias` (`smora_trainable_bias` with `bias_trainable`);
   shipped: `lora_A.weight`, `lora_B.weight`, `lora_router.weight`, `lora_biases` under peft type SRMOLE.
 """

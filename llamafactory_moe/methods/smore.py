@@ -33,6 +33,8 @@ Deviations (spec §B.13):
 * ``gate_type="noisy_topk"`` with ``gate_arch="linear"`` is rejected (shipped: silently uses the MLP query); the
   ``bottom_up`` / ``mixlora`` archs (unimplemented upstream) and the ``tree`` / ``loop`` forward modes are not offered.
 * ``expert_dropout`` (``lora_dropout``) drops the experts' input, default 0 (shipped: none).
+* The switch and noisy top-k gates break ties by the lower expert index (a stable descending sort); upstream's
+  `torch.topk` leaves the order of equal scores unspecified.
 * Parameters live flat in two dicts, ``smore_experts`` and ``smore_router`` (shipped keys: ``moe_A.{l}`` ...).
 """
 
