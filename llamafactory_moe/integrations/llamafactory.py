@@ -543,7 +543,10 @@ def _wrap_compute_loss(original, module):
 
         logging_steps = max(int(getattr(self.args, "logging_steps", 1) or 1), 1)
         collect_routing = (self.state.global_step + 1) % logging_steps == 0
-        token_mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        # The Trainer's inputs are the collator's BatchEncoding: a Mapping (UserDict), not a dict.
+        from collections.abc import Mapping
+
+        token_mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
         with aux_loss.collect(token_mask=token_mask, collect_routing=collect_routing) as window:
             result = original(self, model, inputs, *args, **kwargs)
         aux_total = window.weighted_total()
