@@ -35,7 +35,7 @@ BAD_CONFIGS = [
     ("rslora-conflict", dict(use_rslora=True), "use_rslora", "cannot be combined"),
     ("pissa-conflict", dict(pissa_init=True), "pissa_init", "cannot be combined"),
     ("ppo-stage", dict(stage="ppo", reward_model="/nonexistent/rm"), "stage", "supported: pt, sft, dpo, kto, rm"),
-    ("reentrant-checkpointing", dict(use_reentrant_gc=True), "use_reentrant_gc", "drops the gradient"),
+    ("reentrant-checkpointing", dict(use_reentrant_gc=True), "use_reentrant_gc", "is not supported: reentrant"),
     ("adapter-dir-without-config", dict(adapter_name_or_path="{empty_dir}"), "adapter_name_or_path",
      "has no adapter_config.json"),
     ("adapter-type-mismatch", dict(adapter_name_or_path="{lora_adapter}"), "adapter_name_or_path",
