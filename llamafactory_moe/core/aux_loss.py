@@ -13,6 +13,17 @@ with adapters disabled, which record nothing either. The window must be used wit
 (forced by the argument patch): reentrant checkpointing runs the first forward under ``no_grad``, so the recorded terms
 would have no graph.
 
+Only forwards that are part of the loss record. ``MoeLoraLayer.forward``, which every method goes through, asks
+``pause_unless_counted()`` on entry: a window opened with gradients enabled (a training step) is paused for the layer
+forwards that run under ``torch.no_grad()`` / ``inference_mode`` inside it, e.g. the policy pass of LLaMA-Factory's KTO
+trainer on the KL batch, which would otherwise add its aux terms to the loss and the logs, its routing to the routing
+statistics and its tokens to SMoRA's balancing counts. The exception is the first pass of reentrant checkpointing,
+which PyTorch runs inside an ``autograd.Function.forward`` and is the only training pass of those layers (their
+recomputation comes after the window closed). A window opened under ``no_grad`` (routing analysis of an inference pass)
+records every forward. Deciding once per layer forward, from its grad mode on entry, keeps a method's own ``no_grad``
+blocks (routing summaries) from changing the decision. The rule reads thread-local autograd flags only: no host sync,
+and it decides nothing about what a layer computes.
+
 The window also sets the batch's token mask, so balance statistics skip padding without any hook on the model. The
 mask outlives the window until the next one opens: non-reentrant checkpointing requires the recomputation (which runs
 during ``backward()``, after the window closed) to perform exactly the ops of the original forward, so a layer's
@@ -34,6 +45,10 @@ class AuxLossWindow:
         self._flat_mask: Optional[torch.Tensor] = None
         self._flat_weights: Optional[torch.Tensor] = None
         self.collect_routing = collect_routing
+        # A training window (opened with gradients) counts only the forwards that are part of the loss
+        # (`pause_unless_counted`); `paused` is True during a layer forward that is not.
+        self.grad_enabled = torch.is_grad_enabled()
+        self.paused = False
         # term -> list of (coef, value) with value a scalar tensor that keeps its graph
         self.terms: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
         # layer name -> list of detached routing summaries (see `record_routing`)
@@ -111,9 +126,45 @@ def is_open() -> bool:
     return _window is not None
 
 
+def _in_autograd_function_forward() -> bool:
+    """Inside a custom ``torch.autograd.Function.forward`` (reentrant checkpointing's first pass): PyTorch turns off
+    both backward and forward-mode AD there, whereas ``torch.no_grad()`` leaves forward-mode AD on."""
+    fwd_grad_enabled = getattr(torch._C, "_is_fwd_grad_enabled", None)
+    return fwd_grad_enabled is not None and not fwd_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def pause_unless_counted() -> Optional[AuxLossWindow]:
+    """The rule, asked by ``MoeLoraLayer.forward`` on entry: is this layer forward part of the open window's loss?
+
+    Yes when no window is open (nothing to decide), when the window was opened without gradients (analysis), when
+    gradients flow (a training forward, also non-reentrant checkpointing's first pass) or inside reentrant
+    checkpointing's ``autograd.Function.forward``. Otherwise (a ``no_grad`` / ``inference_mode`` pass inside a training
+    step, e.g. KTO's KL batch) the window is paused and returned: the caller hands it to ``resume`` when the forward
+    ends. Host-side flags only (no device sync)."""
+    window = _window
+    if (window is None or window.paused or not window.grad_enabled or torch.is_grad_enabled()
+            or _in_autograd_function_forward()):
+        return None
+    window.paused = True
+    return window
+
+
+def resume(window: Optional[AuxLossWindow]) -> None:
+    if window is not None:
+        window.paused = False
+
+
+def recording() -> bool:
+    """Whether a forward running now contributes to the open window (aux terms, routing statistics, step statistics
+    such as SMoRA's counts): a window is open and not paused by ``pause_unless_counted``. False for inference, eval and
+    checkpoint recomputation (no window) and for a no-grad pass of the policy inside a training step (KTO's KL batch)."""
+    window = _window
+    return window is not None and not window.paused
+
+
 def record(term: str, value: torch.Tensor, coef: float) -> None:
-    """Record one layer's auxiliary term. A no-op when no window is open (inference, eval, recomputation)."""
-    if _window is not None:
+    """Record one layer's auxiliary term. A no-op unless ``recording()``."""
+    if recording():
         _window.terms[term].append((coef, value))
 
 
@@ -145,10 +196,10 @@ def token_weights(mask: Optional[torch.Tensor], num_tokens: int, dtype: torch.dt
 
 
 def wants_routing() -> bool:
-    return _window is not None and _window.collect_routing
+    return recording() and _window.collect_routing
 
 
 def record_routing(layer_name: str, **summaries: torch.Tensor) -> None:
     """Keep detached per-layer routing summaries (expert load, entropy ...) for logging and analysis."""
-    if _window is not None and _window.collect_routing:
+    if wants_routing():
         _window.routing[layer_name].append({k: v.detach() for k, v in summaries.items()})

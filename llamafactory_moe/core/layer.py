@@ -98,17 +98,23 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         first_container = getattr(self, self.adapter_layer_names[0])
-        for adapter_name in self.active_adapters:
-            if adapter_name not in first_container:
-                continue
-            adapter_dtype = self.adapter_dtype(adapter_name)
-            x_flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, self.in_features)
-            if self.fuses_residual and result_dtype == adapter_dtype:
-                residual = result.reshape(-1, self.out_features)
-                result = self.adapter_delta(adapter_name, x_flat, residual=residual).view(result.shape)
-            else:  # e.g. fp32 adapters on a bf16 base: the update is cast to the base dtype, as in peft's LoRA
-                delta = self.adapter_delta(adapter_name, x_flat)
-                result = result + delta.reshape(result.shape).to(result_dtype)
+        # The one place that decides whether this forward records aux terms, routing statistics and step statistics:
+        # not when it is a no-grad pass inside a training step (KTO's KL batch); see `aux_loss.pause_unless_counted`.
+        paused = aux_loss.pause_unless_counted()
+        try:
+            for adapter_name in self.active_adapters:
+                if adapter_name not in first_container:
+                    continue
+                adapter_dtype = self.adapter_dtype(adapter_name)
+                x_flat = self._cast_input_dtype(x, adapter_dtype).reshape(-1, self.in_features)
+                if self.fuses_residual and result_dtype == adapter_dtype:
+                    residual = result.reshape(-1, self.out_features)
+                    result = self.adapter_delta(adapter_name, x_flat, residual=residual).view(result.shape)
+                else:  # e.g. fp32 adapters on a bf16 base: the update is cast to the base dtype, as in peft's LoRA
+                    delta = self.adapter_delta(adapter_name, x_flat)
+                    result = result + delta.reshape(result.shape).to(result_dtype)
+        finally:
+            aux_loss.resume(paused)
         return result
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
@@ -118,9 +124,17 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         return container.dtype
 
     # -- helpers for method files ------------------------------------------------------------------------------------
+    def records_training_statistics(self) -> bool:
+        """Whether this forward's aux terms and per-step statistics (SMoRA's counts) are kept: in training mode, inside
+        the trainer's loss window, in a forward that is part of the loss (``aux_loss.recording()``: not a no-grad pass
+        such as KTO's KL batch, which ``forward`` pauses the window for; not a checkpoint recomputation). Decides only
+        what is recorded, never what is computed, so a non-reentrant recomputation repeats the original forward's ops
+        exactly."""
+        return self.training and aux_loss.recording()
+
     def record_aux(self, term: str, value: torch.Tensor, coef: float) -> None:
-        """Record an auxiliary loss term; only while training inside the trainer's loss window."""
-        if self.training:
+        """Record an auxiliary loss term; only while ``records_training_statistics()``."""
+        if self.records_training_statistics():
             aux_loss.record(term, value, coef)
 
     def wants_routing_statistics(self) -> bool:

@@ -26,11 +26,11 @@ Reference code: StyxXuan/smora@7e7ada17 (packages/peft/src/peft/tuners/srmole/).
 
 Deviations (from the shipped code; spec §A.5 and §A.12):
 * The bias is a frozen fp32 buffer, updated once per optimizer step from counts of non-padding tokens of the training
-  forwards only (gradient-checkpointing recomputes do not count), all-reduced across data-parallel ranks. Shipped: a
-  parameter that `set_adapter` makes trainable (so AdamW also moves it), updated on every forward call (per
-  micro-batch, twice with gradient checkpointing), counting padding, never synchronised. `bias_trainable=True` restores
-  the trainable parameter; the per-forward schedule is not offered (it is approximated by multiplying
-  `bias_update_rate` by the gradient-accumulation steps, x2 with gradient checkpointing).
+  forwards only (gradient-checkpointing recomputes and no-grad passes such as KTO's KL batch do not count), all-reduced
+  across data-parallel ranks. Shipped: a parameter that `set_adapter` makes trainable (so AdamW also moves it), updated
+  on every forward call (per micro-batch, twice with gradient checkpointing), counting padding, never synchronised.
+  `bias_trainable=True` restores the trainable parameter; the per-forward schedule is not offered (it is approximated
+  by multiplying `bias_update_rate` by the gradient-accumulation steps, x2 with gradient checkpointing).
 * Gate values use the unbiased scores by default: the paper adopts loss-free balancing, where the bias only selects
   (spec §A.12 item 6 lists the leak of the bias into the gate as a bug); `gate_uses_bias=True` gives the shipped gate.
 * The gate normaliser sum_{i in I} v_i is kept at least 1e-6 away from zero (unguarded upstream).
@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
+from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import MoeConfigError, check_bool, check_float, check_int
 from ..core.experts import paired_experts
 from ..core.routing import record_routing, top_k_keep_bias
@@ -206,7 +206,7 @@ class SMoRALayer(MoeLoraLayer):
         x = self.moe_dropout[adapter_name](x)  # as shipped: the router sees the dropped input too
         gates, selected = self.route(adapter_name, x)
         token_mask = self.token_mask(x.shape[0])
-        if self.training and aux_loss.is_open() and config.bias_update_rate > 0:
+        if config.bias_update_rate > 0 and self.records_training_statistics():
             self._count_ranks(adapter_name, selected, token_mask)
         record_routing(self, gates, selected, token_mask)
         # r experts of rank 1: (x~ A^T) * g_hat, then B^T — H = x~ A^T is (N, r), the gate zeroes the unselected

@@ -1,10 +1,15 @@
-"""Every LLaMA-Factory training stage our adapters support (pt, sft, dpo, kto, rm) trains on the tiny model; PPO is
-refused before the model loads; the DPO/KTO reference pass (adapters disabled) is exactly the base model.
+"""Every LLaMA-Factory training stage our adapters support (pt, sft, dpo, kto, rm) trains with every method; PPO is
+refused before the model loads; the DPO reference pass (adapters disabled) is exactly the base model; the no-grad
+policy pass of KTO (its KL batch) adds nothing to the aux loss, the logs or SMoRA's balancing counts.
 
-The stage runs share one interpreter (`run_exp_many.py`: each run is what `llamafactory-cli train` runs), so the
-~30 s of imports are paid once. Data: LLaMA-Factory's own demo files (c4_demo for pt, dpo_en_demo for dpo and rm, from
-../shared/data/llamafactory) and a tiny kto_tag dataset built here (LLaMA-Factory's kto_en_demo is not beside the repo).
-`LLAMAFACTORY_MOE_FULL_MATRIX=1` trains every implemented method in every stage instead of moelora only.
+CI cost: one interpreter runs every method (its first case in tests/method_cases.py) in every stage through
+`run_exp_many.py` (each run is what `llamafactory-cli train` runs), with a probe that snapshots the adapter at the start
+of training and the model calls of the DPO/KTO runs; meanwhile one routed method (`moelora-top2`) runs every stage
+through the real `llamafactory-cli train` subprocess. Data: LLaMA-Factory's own demo files (c4_demo for pt,
+alpaca_en_demo for sft, dpo_en_demo for dpo and rm, from ../shared/data/llamafactory) and a tiny kto_tag dataset built
+here (LLaMA-Factory's kto_en_demo is not beside the repo). `LLAMAFACTORY_MOE_FULL_MATRIX=1` runs every method case.
+
+    python tests/integrations/test_stages.py plan.json     # the probing runner the module fixture launches
 """
 
 from __future__ import annotations
@@ -20,13 +25,31 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import BASE_ENV, SHARED_DATA, read_jsonl, train_args
+if __name__ == "__main__":  # run as the runner script: make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.conftest import BASE_ENV, SHARED_DATA, read_jsonl, run_cli, train_args
 from tests.method_cases import METHOD_CASES
 
 HELPER = Path(__file__).with_name("run_exp_many.py")
 LF_DATA = SHARED_DATA / "llamafactory"
 FULL_MATRIX = os.environ.get("LLAMAFACTORY_MOE_FULL_MATRIX") == "1"
 STAGES = ("pt", "sft", "dpo", "kto", "rm")
+CLI_CASE = "moelora-top2"  # the routed method that also runs every stage through `llamafactory-cli train`
+INITIAL = "initial_adapter.safetensors"  # the probe's snapshot of the adapter when training starts
+CALLS = "model_calls.pt"  # the probe's record of every model call of a dpo / kto run
+
+# What each method logs besides `loss` / `lm_loss` (README "Methods" table: aux loss and routing columns). Aux terms:
+# the method's own terms; methods without any (SMoRA: loss-free balancing; MoSLoRA; HydraLoRA unless
+# `head_balance_loss`) still log `moe_aux_loss` = 0. Routing statistics: every routed method (all but MoSLoRA).
+AUX_TERMS = {"moelora-top2": {"balance_loss"}, "moelora-soft": set(), "goat-top2": {"balance_loss"},
+             "goat-gradient-alignment": {"balance_loss"}, "adamole": {"balance_loss"},
+             "adamole-high-threshold": {"balance_loss"}, "d2mora": {"diversity_loss"},
+             "d2mora-one-down-expert": {"diversity_loss"}, "hydralora": set(), "hydralora-balance": {"balance_loss"},
+             "moslora": set(), "smora": set(), "smora-as-shipped-gate": set(), "smore-switch": {"balance_loss"},
+             "smore-noisy-shared-pool": {"importance_loss", "load_loss"}, "smore-dense-eq-1-layer": set()}
+ROUTING_KEYS = {"moe_load_cv", "moe_router_entropy"}
+UNROUTED = {"moslora"}
 
 
 def _implemented_cases(one_per_method: bool):
@@ -38,6 +61,9 @@ def _implemented_cases(one_per_method: bool):
             seen.add(method)
             out.append((case_id, method, lf_keys))
     return out
+
+
+CASES = [pytest.param(case_id, method, id=case_id) for case_id, method, _ in _implemented_cases(one_per_method=False)]
 
 
 @pytest.fixture(scope="module")
@@ -69,31 +95,287 @@ def _stage_args(stage: str, method: str, lf_keys: dict, model: str, data: str, o
     dataset = {"pt": "c4_demo", "sft": "alpaca_en_demo", "dpo": "dpo_en_demo", "kto": "kto_tiny",
                "rm": "dpo_en_demo"}[stage]
     return train_args(model, data, out, **{
-        "stage": stage, "dataset": dataset, "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None,
-        "max_samples": 16, "per_device_train_batch_size": 2, "max_steps": 2, "cutoff_len": 64, "save_steps": 2,
-        **lf_keys})
+        "stage": stage, "dataset": dataset, "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None,
+        "lora_rank": None, "max_samples": 8, "per_device_train_batch_size": 2, "max_steps": 2, "cutoff_len": 64,
+        "save_steps": 1000, "disable_shuffling": True, **lf_keys})
 
 
-def test_every_stage_trains_with_our_adapters(tiny_model, stage_data, tmp_path):
-    cases = _implemented_cases(one_per_method=True)
-    if not FULL_MATRIX:
-        cases = [c for c in cases if c[1] == "moelora"]
-    runs = [_stage_args(stage, method, lf_keys, tiny_model, stage_data, str(tmp_path / f"{stage}-{case_id}"))
-            for case_id, method, lf_keys in cases for stage in STAGES]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"runs": runs}))
-    proc = subprocess.run([sys.executable, str(HELPER), str(plan)], cwd=tmp_path, env=BASE_ENV, capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    for run in runs:
+# ---------------------------------------------------------------------------------------------------------------------
+# The runner (this file as a script): run_exp_many.py with a probe that snapshots what the assertions compare against.
+# ---------------------------------------------------------------------------------------------------------------------
+def _runner_main(plan_path: str) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from llamafactory_moe.core.layer import MoeLoraLayer
+    from tests.integrations import run_exp_many
+
+    class StageProbe(run_exp_many.Probe):
+        """run_exp_many's probe, plus: the adapter state when training starts (`INITIAL`, the same state dict PEFT
+        saves), and for dpo / kto every call of the trainer's model (`CALLS`: step, grad mode, adapters disabled or
+        not, inputs, logits)."""
+
+        def __init__(self, output_dir: str):
+            super().__init__(output_dir)
+            self.calls, self.step, self.stage = [], 0, None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+            peft_model = next(m for m in model.modules() if isinstance(m, PeftModel))
+            initial = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            save_file(initial, os.path.join(self.output_dir, INITIAL))
+            with open(os.path.join(self.output_dir, "trainable.json"), "w") as f:
+                json.dump(sorted(n for n, p in peft_model.named_parameters() if p.requires_grad), f)
+            plan_run = next(r for r in runs if r["output_dir"] == self.output_dir)
+            if plan_run["stage"] in ("dpo", "kto"):
+                layer = next(m for m in model.modules() if isinstance(m, MoeLoraLayer))
+                model.register_forward_hook(
+                    lambda _m, _args, kw, out: self.calls.append({
+                        "step": self.step, "grad": torch.is_grad_enabled(), "disabled": bool(layer.disable_adapters),
+                        "input_ids": kw["input_ids"].detach().clone(),
+                        "attention_mask": kw["attention_mask"].detach().clone(),
+                        "logits": out.logits.detach().float().clone()}), with_kwargs=True)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step = state.global_step + 1
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.calls:
+                torch.save(self.calls, os.path.join(self.output_dir, CALLS))
+
+    with open(plan_path) as f:
+        runs = json.load(f)["runs"]
+    import gc
+
+    import llamafactory.train.tuner  # noqa: F401  (and every stage's workflow) before freezing
+    from llamafactory.train.dpo import workflow as _dpo  # noqa: F401
+    from llamafactory.train.kto import workflow as _kto  # noqa: F401
+    from llamafactory.train.pt import workflow as _pt  # noqa: F401
+    from llamafactory.train.rm import workflow as _rm  # noqa: F401
+    from llamafactory.train.sft import workflow as _sft  # noqa: F401
+
+    # Every Trainer.train() calls gc.collect() (accelerate's free_memory), which walks the ~600k objects the imports
+    # made: 1 s per run on this machine. Frozen, they are skipped (they live until exit anyway).
+    gc.freeze()
+    run_exp_many.Probe = StageProbe  # the one change to run_exp_many's loop: our probe instead of its own
+    run_exp_many.main(plan_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One launch for the module: the batched matrix (one interpreter) and, meanwhile, the CLI runs of one routed method.
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stage_runs(tiny_model, stage_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    cases = _implemented_cases(one_per_method=not FULL_MATRIX)
+    runs = {(case_id, stage): _stage_args(stage, method, lf_keys, tiny_model, stage_data, str(root / f"{stage}-{case_id}"))
+            for case_id, method, lf_keys in cases for stage in STAGES}
+    plan = root / "plan.json"
+    plan.write_text(json.dumps({"runs": list(runs.values())}))
+    matrix = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(plan)], cwd=root, env=BASE_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = {}
+    try:
+        for stage in STAGES:
+            cfg = dict(runs[(CLI_CASE, stage)], output_dir=str(root / f"cli-{stage}"))
+            proc = run_cli(["llamafactory-cli", "train"], cfg, root, timeout=900)
+            cli[stage] = (cfg, proc)
+        _, stderr = matrix.communicate(timeout=1800)
+    finally:
+        if matrix.poll() is None:
+            matrix.kill()
+    assert matrix.returncode == 0, stderr[-6000:]
+    return SimpleNamespace(runs=runs, cli=cli, cases=cases)
+
+
+def _adapter(out: Path, name: str = "adapter_model.safetensors") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / name))
+
+
+def _check_trained(out: Path, stage: str, case_id: str, method: str) -> dict:
+    """Files, finite losses, logged keys; returns the last log row."""
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper(), out
+    rows = [row for row in read_jsonl(out / "trainer_log.jsonl") if row.get("loss") is not None]
+    assert [row["current_steps"] for row in rows] == [1, 2], (out, rows)
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("loss", "lm_loss", "moe_aux_loss")), (out, row)
+        expected = {"moe_aux_loss"} | {f"moe_{t}" for t in AUX_TERMS[case_id]}
+        if method not in UNROUTED:
+            expected |= ROUTING_KEYS
+        moe_keys = {k for k in row if k.startswith("moe_")}
+        assert expected <= moe_keys, (out, sorted(moe_keys), sorted(expected))
+        assert not {k for k in moe_keys if k.endswith("_loss")} - expected, (out, sorted(moe_keys))
+        if AUX_TERMS[case_id]:
+            assert row["moe_aux_loss"] > 0, (out, row)  # the terms were recorded, not merely listed
+        else:
+            assert row["moe_aux_loss"] == 0, (out, row)
+        if method in UNROUTED:
+            assert not moe_keys & ROUTING_KEYS, (out, sorted(moe_keys))
+    if stage == "rm":  # the value head is trained and saved beside the adapter
+        assert (out / "value_head.safetensors").is_file() or (out / "value_head.bin").is_file()
+    return rows[-1]
+
+
+def _check_moved(out: Path) -> None:
+    """The saved (final) adapter differs from the one PEFT held when training started: every trainable parameter kind
+    (e.g. `moelora_A`, `moelora_B`, `moelora_router`) moved in most of the wrapped layers. (Not in every layer: two
+    steps from B = 0 can leave a router without gradient, e.g. D2MoRA's up-router once Adam's sign-like first step made
+    the up-experts of a layer equal: a softmax over equal values has zero gradient.)"""
+    initial, final = _adapter(out, INITIAL), _adapter(out)
+    assert initial.keys() == final.keys() and initial, out
+    trainable = {n.replace(".default", "") for n in json.loads((out / "trainable.json").read_text())}
+    trained_keys = trainable & final.keys()
+    assert len(trained_keys) == len(trainable), (out, sorted(trainable - final.keys())[:4])
+    kinds: dict[str, list[bool]] = {}
+    for key in trained_keys:
+        kinds.setdefault(key.rsplit(".", 1)[-1], []).append(not torch.equal(initial[key], final[key]))
+    assert all(sum(moved) > len(moved) / 2 for moved in kinds.values()), (
+        out, {kind: f"{sum(moved)}/{len(moved)} moved" for kind, moved in kinds.items()})
+
+
+def test_every_method_trains_in_every_stage(stage_runs):
+    for (case_id, stage), run in stage_runs.runs.items():
         out = Path(run["output_dir"])
-        config = json.loads((out / "adapter_config.json").read_text())
-        assert config["peft_type"] == run["finetuning_type"].upper(), out
-        assert (out / "adapter_model.safetensors").stat().st_size > 0
-        losses = [row["loss"] for row in read_jsonl(out / "trainer_log.jsonl") if row.get("loss") is not None]
-        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (out, losses)
-        if run["stage"] == "rm":  # the value head is trained and saved beside the adapter
-            assert (out / "value_head.safetensors").is_file() or (out / "value_head.bin").is_file()
+        _check_trained(out, stage, case_id, run["finetuning_type"])
+        _check_moved(out)
+
+
+def test_llamafactory_cli_trains_every_stage(stage_runs):
+    """The real `llamafactory-cli train` subprocess per stage ends with exactly the adapter of the same configuration
+    run in the batched interpreter (same seed, data order and CPU kernels), whose weights moved from their start."""
+    for stage, (cfg, proc) in stage_runs.cli.items():
+        assert proc.returncode == 0, (stage, proc.stderr[-4000:])
+        out = Path(cfg["output_dir"])
+        _check_trained(out, stage, CLI_CASE, cfg["finetuning_type"])
+        cli_adapter = _adapter(out)
+        batched = _adapter(Path(stage_runs.runs[(CLI_CASE, stage)]["output_dir"]))
+        assert cli_adapter.keys() == batched.keys()
+        for key in cli_adapter:
+            torch.testing.assert_close(cli_adapter[key], batched[key], atol=1e-6, rtol=1e-5, msg=f"{stage} {key}")
+
+
+def _rebuild(tiny_model: str, out: Path):
+    """The run's policy as it was when training started: the tiny base + the probe's initial adapter snapshot."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out), is_trainable=True)
+    set_peft_model_state_dict(model, _adapter(out, INITIAL))
+    return model.train()
+
+
+def test_kto_logs_the_aux_loss_of_the_policy_pass_only(stage_runs, tiny_model):
+    """LLaMA-Factory's KTO trainer runs the policy twice per micro-batch: on the target batch (with gradients) and on
+    the KL batch under `torch.no_grad()`. The logged step-1 `moe_aux_loss` must be the aux total of the target pass
+    alone, recomputed here with a plain training forward of the initial adapter on the captured target batch."""
+    from llamafactory_moe.core import aux_loss
+
+    checked = 0
+    for (case_id, stage), run in stage_runs.runs.items():
+        if stage != "kto" or not AUX_TERMS[case_id] or "noisy" in case_id:  # a noisy gate is not reproducible
+            continue
+        out = Path(run["output_dir"])
+        calls = [c for c in torch.load(out / CALLS) if c["step"] == 1 and not c["disabled"]]
+        target, kl = calls  # the policy calls of step 1, in order (the reference calls have adapters disabled)
+        assert target["grad"] and not kl["grad"], (out, [(c["grad"], c["disabled"]) for c in calls])
+        model = _rebuild(tiny_model, out)
+        totals = []
+        for call in (target, kl):
+            with aux_loss.collect(token_mask=call["attention_mask"]) as window:
+                logits = model(input_ids=call["input_ids"], attention_mask=call["attention_mask"]).logits
+            totals.append(float(window.weighted_total().detach()))
+            # the rebuilt policy is the run's: same logits as the trainer's call
+            torch.testing.assert_close(logits.detach(), call["logits"], atol=1e-5, rtol=1e-5)
+        logged = next(r for r in read_jsonl(out / "trainer_log.jsonl") if r.get("current_steps") == 1)["moe_aux_loss"]
+        assert logged == pytest.approx(totals[0], abs=2e-6, rel=1e-5), (case_id, logged, totals)
+        # what the loss got before the fix (both passes recorded): far from the logged value
+        assert abs(logged - (totals[0] + totals[1])) > 100 * 2e-6, (case_id, logged, totals)
+        checked += 1
+    assert checked >= 4, "every routed method with an aux loss must be checked"
+
+
+def test_dpo_reference_pass_of_a_real_run_is_the_base_model(stage_runs, tiny_model):
+    """In the real DPO runs, the reference calls (adapters disabled, no grad) give exactly the logits of the bare base
+    model loaded here on the same inputs, while the policy's step-2 call (trained adapters on) does not."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    for (case_id, stage), run in stage_runs.runs.items():
+        if stage != "dpo":
+            continue
+        calls = torch.load(Path(run["output_dir"]) / CALLS)
+        reference = [c for c in calls if c["disabled"]]
+        policy = [c for c in calls if not c["disabled"]]
+        assert [c["step"] for c in reference] == [1, 2] and not any(c["grad"] for c in reference), case_id
+        assert [c["step"] for c in policy] == [1, 2] and all(c["grad"] for c in policy), case_id
+        with torch.no_grad():
+            for call in reference + policy[1:]:
+                call["base"] = base(input_ids=call["input_ids"], attention_mask=call["attention_mask"]).logits
+        for call in reference:
+            torch.testing.assert_close(call["logits"], call["base"], atol=1e-5, rtol=1e-5, msg=case_id)
+        assert not torch.allclose(policy[1]["logits"], policy[1]["base"], atol=1e-4), (
+            f"{case_id}: the step-2 policy must differ from the base model, or the comparison proves nothing")
+
+
+def _forward_records(model, ids, mask, grad_mode, window_grad: bool = True):
+    """One forward of `model` inside an aux-loss window (routing statistics requested) under `grad_mode`: the aux
+    terms, the layer names with routing statistics and the logits it left behind."""
+    from llamafactory_moe.core import aux_loss
+
+    with torch.set_grad_enabled(window_grad), aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+        torch.manual_seed(0)  # the same noise for a noisy gate in every call
+        with grad_mode:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    terms = {name: len(values) for name, values in window.terms.items()}
+    return terms, set(window.routing), logits.detach().clone()
+
+
+def _smora_counts(layers) -> list[float]:
+    return [float(t.sum()) for layer in layers for t in layer.step_statistics()]
+
+
+@pytest.mark.parametrize("case_id, method", CASES)
+def test_no_grad_forward_of_a_training_model_records_nothing(case_id, method):
+    """The rule every method goes through (`aux_loss.recording()`): inside a training window, a forward under
+    `torch.no_grad()` or `torch.inference_mode()` (KTO's KL pass) records no aux term, no routing statistics and no
+    SMoRA count; the same forward with gradients records all of them; the outputs are the same either way. A window
+    opened under no_grad in eval mode (`llamafactory-moe analyze`) still gets the routing statistics."""
+    from llamafactory_moe.core.layer import MoeLoraLayer
+    from tests.test_matrix import batch, make_peft, randomise_adapters
+
+    kwargs = next(c[2] for c in METHOD_CASES if c[0] == case_id)
+    model = make_peft(method, kwargs)
+    randomise_adapters(model)
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer)]
+    names = {layer.moe_layer_name for layer in layers}
+    ids, mask = batch()
+    nothing = ({}, set(), [0.0] * len(_smora_counts(layers)))
+    assert _smora_counts(layers) == nothing[2]
+
+    terms, routing, no_grad_logits = _forward_records(model, ids, mask, torch.no_grad())
+    assert (terms, routing, _smora_counts(layers)) == nothing
+    terms, routing, inference_logits = _forward_records(model, ids, mask, torch.inference_mode())
+    assert (terms, routing, _smora_counts(layers)) == nothing
+
+    terms, routing, logits = _forward_records(model, ids, mask, torch.enable_grad())
+    assert set(terms) == AUX_TERMS[case_id], terms
+    assert all(n >= len(layers) for n in terms.values()), (terms, len(layers))  # at least once per layer
+    assert routing == (set() if method in UNROUTED else names), sorted(routing)[:4]
+    if method == "smora":  # every layer counted each real token top_k times
+        assert _smora_counts(layers) == [float(mask.sum()) * kwargs["top_k"]] * len(layers)
+    torch.testing.assert_close(no_grad_logits, logits, atol=0, rtol=0)
+    torch.testing.assert_close(inference_logits, logits, atol=0, rtol=0)
+
+    model.eval()  # the analysis path: window opened under no_grad, eval mode
+    counts = _smora_counts(layers)
+    terms, routing, _ = _forward_records(model, ids, mask, torch.no_grad(), window_grad=False)
+    assert terms == {} and routing == (set() if method in UNROUTED else names), (terms, sorted(routing)[:4])
+    assert _smora_counts(layers) == counts
 
 
 def test_ppo_is_refused_before_the_model_loads():
@@ -106,9 +388,6 @@ def test_ppo_is_refused_before_the_model_loads():
                             finetuning_type="moelora", reward_model="/nonexistent/rm", dataset="x",
                             template="llama3", output_dir="/tmp/llamafactory_moe_ppo_out", report_to="none"))
     assert "`stage` ('ppo')" in str(info.value) and "supported: pt, sft, dpo, kto, rm" in str(info.value)
-
-
-CASES = [pytest.param(case_id, method, id=case_id) for case_id, method, _ in _implemented_cases(one_per_method=False)]
 
 
 @pytest.mark.parametrize("case_id, method", CASES)
@@ -144,3 +423,7 @@ def test_dpo_reference_pass_is_the_base_model(case_id, method):
     with torch.no_grad():
         policy = model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(policy, base_logits, atol=1e-4), "the adapters must change the policy's logits"
+
+
+if __name__ == "__main__":
+    _runner_main(sys.argv[1])
