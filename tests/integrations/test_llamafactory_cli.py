@@ -91,7 +91,24 @@ def test_chat_model_with_only_adapter_path_answers(trained, tiny_model):
     assert isinstance(chat.engine.model, PeftModel)
     assert chat.engine.model.peft_config["default"].method_name == "moelora"
     responses = chat.chat([{"role": "user", "content": "add 1 and 2"}])
-    assert len(responses) == 1 and isinstance(responses[0].response_text, str)
+    assert len(responses) == 1
+
+    # Independent reference: the llama3 prompt written out by hand, base + adapter loaded by stock peft, greedy decoding.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nadd 1 and 2<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)[0, ids.shape[1]:]
+        adapted = PeftModel.from_pretrained(base, str(out)).eval()
+        expected = adapted.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)[0, ids.shape[1]:]
+    assert responses[0].response_length == len(expected)
+    assert responses[0].response_text == tokenizer.decode(expected, skip_special_tokens=True) != ""
+    assert not torch.equal(plain, expected)  # the trained adapter changes the reply: the chat really used it
 
 
 def test_export_of_routed_adapter_refuses_before_loading(trained, tiny_model, tmp_path):
