@@ -121,13 +121,17 @@ def _one_case_per_method():
 @pytest.mark.slow
 def test_bf16_and_fp16_training_for_every_method(tiny_model, tiny_data, tmp_path):
     """`bf16: true` (with `use_cpu: true`: transformers refuses bf16 without it on a GPU-less host) and `fp16: true`
-    (HF's autocast + grad scaler on CPU) through LLaMA-Factory, 2 steps per method, one interpreter."""
+    through LLaMA-Factory, 2 steps per method, one interpreter. On CPU, accelerate creates no grad scaler and no fp16
+    autocast (accelerator.py: `mixed_precision == "fp16" and device.type != "cpu"`), so `fp16: true` here means an fp16
+    base model with fp32 adapters. Both steps must really update the adapter: the Adam state saved in each checkpoint
+    counts the optimizer steps taken (a skipped step, e.g. by a grad scaler on overflow, leaves it behind) and the
+    weights saved after step 2 differ from those after step 1."""
     runs = []
     for case_id, method, lf_keys in _one_case_per_method():
         for precision, extra in (("bf16", dict(bf16=True, use_cpu=True)), ("fp16", dict(fp16=True))):
             runs.append(train_args(tiny_model, tiny_data, str(tmp_path / f"{case_id}-{precision}"), **{
                 "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None, "max_steps": 2,
-                **extra,
+                "save_steps": 1, **extra,
                 **lf_keys}))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"runs": runs}))
@@ -144,3 +148,13 @@ def test_bf16_and_fp16_training_for_every_method(tiny_model, tiny_data, tmp_path
         for row in rows:
             assert all(math.isfinite(v) for k, v in row.items() if k == "loss" or k.startswith("moe_")), row
         assert all(torch.isfinite(t.float()).all() for t in load_file(str(out / "adapter_model.safetensors")).values())
+        assert all(math.isfinite(e["grad_norm"]) and e["grad_norm"] > 0
+                   for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e), out
+        for step in (1, 2):  # Adam's own step count: optimizer.step() ran with gradients at every training step
+            state = torch.load(out / f"checkpoint-{step}" / "optimizer.pt", weights_only=False)["state"]
+            assert state and all(int(s["step"]) == step for s in state.values()), (out, step)
+            assert any(s["exp_avg"].abs().sum() > 0 for s in state.values()), (out, step)
+        after_1 = load_file(str(out / "checkpoint-1" / "adapter_model.safetensors"))
+        after_2 = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+        assert after_1.keys() == after_2.keys()
+        assert any(not torch.equal(after_1[k], after_2[k]) for k in after_1), f"{out}: step 2 left the adapter as is"
