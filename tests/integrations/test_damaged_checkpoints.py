@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from llamafactory_moe.core.errors import MoeConfigError
-from tests.conftest import BASE_ENV, final_train_loss, run_cli, train_args
+from tests.conftest import BASE_ENV, final_train_loss, read_jsonl, run_cli, train_args
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -163,9 +163,13 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tiny_model, tiny_dat
 
     register_all_methods()
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "checkpoint-2"))
+    ids = torch.arange(3, 20).reshape(1, -1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.arange(3, 20).reshape(1, -1)).logits).all()
+        base_logits = base(input_ids=ids).logits
+        logits = PeftModel.from_pretrained(base, str(out / "checkpoint-2"))(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert (logits - base_logits).abs().max() > 1e-4  # the 2 trained steps are in it, not a zero update
 
     # Re-running the same command would auto-resume from the damaged checkpoint-4: refused, one line, nothing touched.
     again = {**args, "overwrite_output_dir": False}
@@ -182,5 +186,13 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tiny_model, tiny_dat
     proc = run_cli(["llamafactory-cli", "train"], resumed, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert torch.isfinite(torch.tensor(final_train_loss(tmp_path / "resumed")))
+    # It trained steps 3-6 from checkpoint-2 (not 1-6 from scratch), and steps 3 and 4 repeat the killed run's losses.
+    def losses(folder: Path) -> dict[int, float]:
+        return {r["current_steps"]: r["loss"] for r in read_jsonl(folder / "trainer_log.jsonl") if "loss" in r}
+
+    crashed, resumed_losses = losses(out), losses(tmp_path / "resumed")
+    assert sorted(crashed) == [1, 2, 3, 4] and sorted(resumed_losses) == [3, 4, 5, 6], (crashed, resumed_losses)
+    for step in (3, 4):
+        assert resumed_losses[step] == pytest.approx(crashed[step], abs=1e-5), (step, crashed, resumed_losses)
     assert (tmp_path / "resumed" / "checkpoint-6" / "adapter_model.safetensors").is_file()
     assert _hashes(out / "checkpoint-2") == recorded["checkpoint-2"] and _hashes(out / "checkpoint-4") == before_4
