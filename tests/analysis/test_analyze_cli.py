@@ -4,6 +4,8 @@ subprocesses, tiny model, the packaged multi-task moe_demo data)."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 
 import pytest
@@ -50,6 +52,14 @@ def test_training_logs_routing_scalars_and_per_layer_file(trained):
         assert stats["load_basis"] == "mass" and stats["tokens"] > 0 and 0 <= stats["expert_similarity"] <= 1
     mean_cv = sum(s["load_cv"] for s in layers.values()) / len(layers)
     assert step_logs[-1]["moe_load_cv"] == pytest.approx(mean_cv, abs=1e-5)  # one process: no rank averaging
+    mean_entropy = sum(s["router_entropy"] for s in layers.values()) / len(layers)
+    assert step_logs[-1]["moe_router_entropy"] == pytest.approx(mean_entropy, abs=1e-5)
+    for stats in layers.values():  # recomputed from the saved load vector alone
+        load = stats["load"]
+        assert stats["load_cv"] == pytest.approx(statistics.pstdev(load) / statistics.fmean(load), abs=1e-5)
+        # mean per-token gate entropy <= entropy of the mean gate (= load, concavity), both over log E
+        load_entropy = -sum(p * math.log(p) for p in load if p > 0) / math.log(len(load))
+        assert 0 < stats["router_entropy"] <= load_entropy + 1e-5, stats
 
 
 def test_analyze_writes_figures_and_numbers_per_task(trained, tiny_model):
