@@ -110,22 +110,24 @@ def _stage_args(stage: str, method: str, lf_keys: dict, model: str, data: str, o
 def _runner_main(plan_path: str) -> None:
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import save_file
+    from transformers import TrainerCallback
 
     from llamafactory_moe.core.layer import MoeLoraLayer
     from tests.integrations import run_exp_many
 
-    class StageProbe(run_exp_many.Probe):
-        """run_exp_many's probe, plus: the adapter state when training starts (`INITIAL`, the same state dict PEFT
-        saves), for dpo / kto every call of the trainer's model (`CALLS`: step, grad mode, adapters disabled or not,
-        inputs, logits), and each step's SMoRA counts before the step hook consumes them (`STEP_COUNTS`; this probe's
-        on_step_end runs first: `MoeStepCallback` is appended after the caller's callbacks)."""
+    class StageProbe(TrainerCallback):
+        """Writes into each run's output_dir: the adapter state when training starts (`INITIAL`, the same state dict
+        PEFT saves; for rm the PeftModel inside the value-head wrapper), for dpo / kto every call of the trainer's
+        model (`CALLS`: step, grad mode, adapters disabled or not, inputs, logits), and each step's SMoRA counts before
+        the step hook consumes them (`STEP_COUNTS`; this probe's on_step_end runs first: `MoeStepCallback` is appended
+        after the caller's callbacks)."""
 
         def __init__(self, output_dir: str):
-            super().__init__(output_dir)
+            self.output_dir = output_dir
             self.calls, self.step, self.step_counts = [], 0, []
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            super().on_train_begin(args, state, control, model=model, **kwargs)
+            os.makedirs(self.output_dir, exist_ok=True)
             peft_model = next(m for m in model.modules() if isinstance(m, PeftModel))
             initial = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
             save_file(initial, os.path.join(self.output_dir, INITIAL))
@@ -168,7 +170,7 @@ def _runner_main(plan_path: str) -> None:
     # Every Trainer.train() calls gc.collect() (accelerate's free_memory), which walks the ~600k objects the imports
     # made: 1 s per run on this machine. Frozen, they are skipped (they live until exit anyway).
     gc.freeze()
-    run_exp_many.Probe = StageProbe  # the one change to run_exp_many's loop: our probe instead of its own
+    run_exp_many.Probe = StageProbe  # run_exp_many's loop with this probe instead of its own
     run_exp_many.main(plan_path)
 
 
