@@ -31,7 +31,6 @@ if __name__ == "__main__":  # run as the runner script: make `tests` importable
 from tests.conftest import BASE_ENV, SHARED_DATA, read_jsonl, run_cli, train_args
 from tests.method_cases import METHOD_CASES
 
-HELPER = Path(__file__).with_name("run_exp_many.py")
 LF_DATA = SHARED_DATA / "llamafactory"
 FULL_MATRIX = os.environ.get("LLAMAFACTORY_MOE_FULL_MATRIX") == "1"
 STAGES = ("pt", "sft", "dpo", "kto", "rm")
@@ -185,19 +184,21 @@ def stage_runs(tiny_model, stage_data, tmp_path_factory):
             for case_id, method, lf_keys in cases for stage in STAGES}
     plan = root / "plan.json"
     plan.write_text(json.dumps({"runs": list(runs.values())}))
-    matrix = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(plan)], cwd=root, env=BASE_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cli = {}
-    try:
-        for stage in STAGES:
-            cfg = dict(runs[(CLI_CASE, stage)], output_dir=str(root / f"cli-{stage}"))
-            proc = run_cli(["llamafactory-cli", "train"], cfg, root, timeout=900)
-            cli[stage] = (cfg, proc)
-        _, stderr = matrix.communicate(timeout=1800)
-    finally:
-        if matrix.poll() is None:
-            matrix.kill()
-    assert matrix.returncode == 0, stderr[-6000:]
+    # Output to files, not pipes: a full pipe would stall the runner while the CLI runs go on.
+    with open(root / "matrix.out", "w") as out, open(root / "matrix.err", "w") as err:
+        matrix = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(plan)], cwd=root, env=BASE_ENV,
+                                  stdout=out, stderr=err)
+        cli = {}
+        try:
+            for stage in STAGES:
+                cfg = dict(runs[(CLI_CASE, stage)], output_dir=str(root / f"cli-{stage}"))
+                proc = run_cli(["llamafactory-cli", "train"], cfg, root, timeout=900)
+                cli[stage] = (cfg, proc)
+            matrix.wait(timeout=1800)
+        finally:
+            if matrix.poll() is None:
+                matrix.kill()
+    assert matrix.returncode == 0, (root / "matrix.err").read_text()[-6000:]
     return SimpleNamespace(runs=runs, cli=cli, cases=cases)
 
 
