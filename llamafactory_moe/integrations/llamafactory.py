@@ -684,6 +684,12 @@ class MoeStepCallback(TrainerCallback):
 
 def _wrap_run_exp(original, module):
     def run_exp(args=None, callbacks=None):
+        from .gloo_exit import register_exit_guard
+
+        # LLaMA-Factory's destroy_process_group() leaves gloo's worker threads running (DeepSpeed and DDP keep the
+        # groups referenced); one still releasing its last tensor when Python finalizes aborts the process (SIGABRT,
+        # "terminate called without an active exception"). The guard waits for them at exit (gloo_exit.py).
+        register_exit_guard()
         callbacks = list(callbacks or [])
         callbacks.append(MoeStepCallback())
         return original(args=args, callbacks=callbacks)
@@ -753,7 +759,8 @@ PATCHES: list[Patch] = [
           "create our adapters for training; load them unmerged for resume and inference", VERIFIED,
           ("config", "model", "model_args", "finetuning_args", "is_trainable")),
     Patch("run_exp", "llamafactory.train.tuner", "run_exp", _wrap_run_exp,
-          "add the once-per-optimizer-step callback (the CLI offers no way to pass callbacks)", VERIFIED,
+          "add the once-per-optimizer-step callback (the CLI offers no way to pass callbacks); wait at exit for "
+          "gloo's worker threads (else a rank can abort after training)", VERIFIED,
           ("args", "callbacks")),
     Patch("log_callback", "llamafactory.train.callbacks", "LogCallback.on_log", _wrap_log_callback_on_log,
           "write lm_loss and moe_* metrics into trainer_log.jsonl (LogCallback hard-codes its keys)", VERIFIED,
