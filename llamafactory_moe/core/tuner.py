@@ -20,6 +20,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import aux_loss
 from .config import MoeLoraConfig
+from .gloo_exit import register_exit_guard
 from .layer import MoeLoraLayer
 
 
@@ -28,6 +29,13 @@ class MoeLoraTuner(BaseTuner):
     tuner_layer_cls: type[MoeLoraLayer] = MoeLoraLayer
     # Same defaults as LoRA (q_proj, v_proj for Llama) when `target_modules` is not given.
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A distributed run (DeepSpeed, torchrun, a user's own script): gloo's worker threads outlive
+            # destroy_process_group() and can abort the process at exit; the guard waits for them (gloo_exit.py).
+            register_exit_guard()
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _create_and_replace(self, config: MoeLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str, **optional_kwargs) -> None:

@@ -684,7 +684,7 @@ class MoeStepCallback(TrainerCallback):
 
 def _wrap_run_exp(original, module):
     def run_exp(args=None, callbacks=None):
-        from .gloo_exit import register_exit_guard
+        from ..core.gloo_exit import register_exit_guard
 
         # LLaMA-Factory's destroy_process_group() leaves gloo's worker threads running (DeepSpeed and DDP keep the
         # groups referenced); one still releasing its last tensor when Python finalizes aborts the process (SIGABRT,

@@ -20,7 +20,7 @@ A run may carry `"rank_overrides": {"1": {...}}`: LLaMA-Factory arguments that o
 negative controls: a rank that trains on other data, or draws other random noise).
 
 The process exits through the same exit guard as the CLI's torchrun children (registered by our `run_exp` patch,
-llamafactory_moe/integrations/gloo_exit.py), so an abort at exit fails the launch here too.
+llamafactory_moe/core/gloo_exit.py), so an abort at exit fails the launch here too.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def _run_many(runs: list[dict], workdir: Path, nproc: int) -> subprocess.Complet
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    """Exit status 0, and no rank aborted at exit (the gloo teardown abort: llamafactory_moe/integrations/gloo_exit)."""
+    """Exit status 0, and no rank aborted at exit (the gloo teardown abort: llamafactory_moe/core/gloo_exit)."""
     assert proc.returncode == 0, \
         f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-2000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     assert "terminate called" not in proc.stderr, proc.stderr[-3000:]
@@ -398,7 +398,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     import os, sys, time, torch, torch.distributed as dist
     dist.init_process_group("gloo")
     if sys.argv[1] == "guard":
-        from llamafactory_moe.integrations.gloo_exit import register_exit_guard
+        from llamafactory_moe.core.gloo_exit import register_exit_guard
         register_exit_guard()  # what the run_exp patch does
     rank = dist.get_rank()
     world = dist.group.WORLD  # a reference outliving destroy_process_group, as DDP's and DeepSpeed's do
