@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from llamafactory_moe.core.errors import MoeConfigError
 from llamafactory_moe.core.layer import MoeLoraLayer
@@ -37,6 +38,23 @@ class StandInQuantLinear(nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None].to(x.dtype), self.bias)
+
+
+def dequantised_tiny_llama():
+    """The float model a quantized one stands for: every quantized linear replaced by an nn.Linear holding its
+    dequantised weight (codes x scale). Our layers on it are the reference for our layers on the quantized model."""
+    model = quantized_tiny_llama()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, StandInQuantLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.float() * child.scale[:, None])
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(module, child_name, linear)
+    model.requires_grad_(False)
+    return model
 
 
 def quantized_tiny_llama():
@@ -77,11 +95,34 @@ def test_quantized_linear_is_wrapped_untouched_or_refused(case_id, method, kwarg
         assert all(p.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     peft_model.train()
+    torch.manual_seed(1)  # the same draws in every run below (dropout, S'MoRE's noisy gate)
     loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert torch.isfinite(loss)
-    trained = [n for n, p in peft_model.named_parameters() if p.grad is not None]
-    assert trained and all(f"{method}_" in n for n in trained), trained
+    trained = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert trained and all(f"{method}_" in n for n in trained), list(trained)
+    # Same adapter weights on the dequantised float model: same loss and same adapter gradients (the layer uses the
+    # base layer's own forward, i.e. the dequantised weight, never the raw int8 codes).
+    reference = _setup(method, {**kwargs, "init_weights": False}, dequantised_tiny_llama())
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(peft_model))
+    reference.train()
+    torch.manual_seed(1)
+    reference_loss = reference(input_ids=ids, labels=ids).loss
+    reference_loss.backward()
+    assert abs(loss.item() - reference_loss.item()) <= 1e-5, (loss.item(), reference_loss.item())
+    reference_grads = {n.replace(".base_layer", ""): p.grad for n, p in reference.named_parameters()
+                       if p.grad is not None}
+    for name, grad in trained.items():
+        torch.testing.assert_close(grad, reference_grads[name.replace(".base_layer", "")], atol=1e-5, rtol=0)
+    # Negative control: the raw int8 codes as if they were float weights give another loss.
+    wrong = _setup(method, {**kwargs, "init_weights": False}, dequantised_tiny_llama())
+    with torch.no_grad():
+        for (n, m), (_, q) in zip(wrong.named_modules(), peft_model.named_modules()):
+            if isinstance(q, StandInQuantLinear):
+                m.weight.copy_(q.weight.float())
+    set_peft_model_state_dict(wrong, get_peft_model_state_dict(peft_model))
+    wrong.train()
+    torch.manual_seed(1)
+    assert abs(wrong(input_ids=ids, labels=ids).loss.item() - loss.item()) > 1e-3
     codes_after = {n.removeprefix("base_model.model.").replace(".base_layer", ""): m.weight
                    for n, m in peft_model.named_modules() if isinstance(m, StandInQuantLinear)}
     for name, codes in codes_before.items():
