@@ -24,7 +24,8 @@ def trained(tiny_model, tiny_data, tmp_path_factory):
     """One 4-step moelora run with a checkpoint at step 2, shared by several tests."""
     work = tmp_path_factory.mktemp("trained")
     out = work / "out"
-    cfg = train_args(tiny_model, tiny_data, str(out), save_steps=2, plot_loss=True)
+    cfg = train_args(tiny_model, tiny_data, str(out), save_steps=2, plot_loss=True, report_to="tensorboard",
+                     logging_dir=str(work / "tb"))
     proc = run_cli(["llamafactory-cli", "train"], cfg, work, env={"LLAMAFACTORY_VERBOSITY": "INFO"})
     _assert_ok(proc)
     (work / "train_stdout.txt").write_text(proc.stdout + proc.stderr)
@@ -51,6 +52,22 @@ def test_train_writes_peft_checkpoint_and_aux_logs(trained):
     assert (out / "training_moe_aux_loss.png").stat().st_size > 1000
     assert (out / "training_lm_loss.png").stat().st_size > 1000
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_tensorboard_receives_the_moe_scalars(trained):
+    """`report_to: tensorboard` gets `lm_loss` and the `moe_*` terms every step, with the values of trainer_log.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, work = trained
+    events = EventAccumulator(str(work / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    step_logs = [row for row in read_jsonl(out / "trainer_log.jsonl") if "loss" in row]
+    for key in ("lm_loss", "moe_aux_loss", "moe_balance_loss", "moe_load_cv", "moe_router_entropy"):
+        assert f"train/{key}" in tags, (key, sorted(tags))
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert [step for step, _ in logged] == [1, 2, 3, 4], logged
+        if key in step_logs[0]:
+            assert all(abs(v - row[key]) < 1e-4 for (_, v), row in zip(logged, step_logs)), (key, logged)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "llamafactory" / "dataset_info.json").is_file(),
