@@ -5,7 +5,8 @@ LLaMA-Factory for every method.
 Precision settings are the ones training uses:
 * fp32 and bf16: the whole model in that dtype (bf16 = LLaMA-Factory's `pure_bf16`),
 * fp16: base model in fp16, adapters in fp32 (LLaMA-Factory casts trainable parameters to fp32), under
-  `torch.autocast("cpu", torch.float16)` as HF's fp16 training does. fp16's range (65504) bounds what an adapter may
+  `torch.autocast("cpu", torch.float16)`, as HF's fp16 training does on a GPU (on CPU, accelerate runs `fp16: true`
+  without autocast or a grad scaler; the layer test uses autocast to exercise the GPU's mixed path). fp16's range (65504) bounds what an adapter may
   output: the adapters here are random at 0.01 scale — 0.1 (used for fp32/bf16) overflows fp16 in the expert product
   B(Ax) itself at 1e4 activations, which is the format's range, not a router failure.
 """
