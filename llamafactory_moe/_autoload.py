@@ -7,7 +7,8 @@ of the watched modules is imported.
 
 Each watched module maps to a ``"package.module:function"`` that receives the freshly executed module. The function
 must never raise (``integrations.patching.apply_patch`` catches and warns per row, ``_run_hook`` below catches the
-rest); a failure here must leave the stock library working.
+rest); a failure here must leave the stock library working. Importing ``integrations.llamafactory`` checks that the
+modules hooked to it here are exactly the modules its ``PATCHES`` rows target.
 """
 
 from __future__ import annotations

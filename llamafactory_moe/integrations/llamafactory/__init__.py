@@ -19,7 +19,8 @@ one file:
 
 The patch engine (``integrations/patching.py``) imports nothing of ours: this package passes it the table. The
 startup hook (``llamafactory_moe/_autoload.py``) calls ``on_module_imported`` for each module in its
-``WATCHED_MODULES``.
+``WATCHED_MODULES``; importing this package checks that those are exactly the modules the rows target (a row for an
+unwatched module would silently never apply).
 
 Flow of ``llamafactory-cli train x.yaml`` with ``finetuning_type: smora``:
 
@@ -35,7 +36,8 @@ Flow of ``llamafactory-cli train x.yaml`` with ``finetuning_type: smora``:
 
 from __future__ import annotations
 
-from ..patching import Patch, apply_patches
+from ..._autoload import WATCHED_MODULES
+from ..patching import Patch, apply_patches, check_watched
 from . import adapter, callbacks, hparams, ploting, trainer, tuner
 from .adapter import _setup_moe_adapter
 from .callbacks import MoeStepCallback
@@ -49,6 +51,7 @@ __all__ = [
     "ADAPTER_WEIGHTS", "MoeStepCallback", "PATCHES", "ROUTING_LOG", "ROUTING_METRICS", "VERIFIED", "_MoeLogAccumulator",
     "_packaged_data_dir", "_setup_moe_adapter", "_wrap_compute_loss", "_wrap_log", "check_adapter_fits",
     "install_process_hooks", "on_module_imported", "our_method_of", "peft_type_of", "saved_adapter_shapes",
+    "watched_modules",
 ]
 
 # The table. Order matters only within a module (the order below is the order of the former single-file table).
@@ -61,3 +64,11 @@ def on_module_imported(module) -> None:
     install_process_hooks()  # step 1, once per process: one-line config errors, our INFO logs printed
     apply_patches(PATCHES, module)  # step 2: the rows that target this module
 
+
+def watched_modules() -> set[str]:
+    """The modules the startup hook hands to ``on_module_imported``."""
+    hook = f"{__name__}:{on_module_imported.__name__}"
+    return {name for name, target in WATCHED_MODULES.items() if target == hook}
+
+
+check_watched(PATCHES, watched_modules())
