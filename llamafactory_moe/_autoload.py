@@ -6,8 +6,9 @@ script) and OpenCompass worker subprocesses. It therefore imports only the stand
 of the watched modules is imported.
 
 Each watched module maps to a ``"package.module:function"`` that receives the freshly executed module. The function
-must never raise (``integrations.patching.apply_patches`` catches and warns); a failure here must leave the stock
-library working.
+must never raise (``integrations.patching.apply_patch`` catches and warns per row, ``_run_hook`` below catches the
+rest); a failure here must leave the stock library working. Importing ``integrations.llamafactory`` checks that the
+modules hooked to it here are exactly the modules its ``PATCHES`` rows target.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import threading
 # module name -> "module:function" called with the module object once it has finished executing.
 WATCHED_MODULES: dict[str, str] = {
     "peft": "llamafactory_moe.core.peft_types:register_all_methods",
-    "llamafactory.hparams.parser": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.model.loader": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.tuner": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.callbacks": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.extras.ploting": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.sft.trainer": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.pt.trainer": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.dpo.trainer": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.kto.trainer": "llamafactory_moe.integrations.patching:on_module_imported",
-    "llamafactory.train.rm.trainer": "llamafactory_moe.integrations.patching:on_module_imported",
+    "llamafactory.hparams.parser": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.model.loader": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.tuner": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.callbacks": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.extras.ploting": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.sft.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.pt.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.dpo.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.kto.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    "llamafactory.train.rm.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
 }
 
 _lock = threading.RLock()

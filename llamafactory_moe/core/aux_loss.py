@@ -1,6 +1,6 @@
 """The auxiliary-loss collector: the project's only module-level mutable state.
 
-Lifecycle of one training micro-batch (driven by the trainer patch in ``integrations/llamafactory.py``)::
+Lifecycle of one training micro-batch (driven by the trainer patch in ``integrations/llamafactory/trainer.py``)::
 
     with aux_loss.collect(token_mask=inputs["attention_mask"]) as window:   # reset
         loss = trainer.compute_loss(...)       # layers call aux_loss.record(...) inside forward

@@ -1,4 +1,7 @@
-"""Applies the rows of ``integrations.llamafactory.PATCHES`` when their target module finishes importing.
+"""The patch engine: applies rows of a patch table (``integrations.llamafactory.PATCHES``) to a module that has just
+finished importing.
+
+A leaf: it imports nothing of ours; the integration passes its table in (``apply_patches``, ``check_watched``).
 
 Each row is applied on its own: a row whose target moved upstream (missing attribute, changed signature) is skipped
 with one warning, so stock LLaMA-Factory keeps working. Application is idempotent (a replaced attribute carries
@@ -12,7 +15,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 MARKER = "__llamafactory_moe_patch__"
 
@@ -74,14 +77,22 @@ def apply_patch(row: Patch, module) -> bool:
     return True
 
 
-def on_module_imported(module) -> None:
-    """Startup-hook entry point: apply every row that targets ``module``."""
-    try:
-        from .llamafactory import PATCHES, install_process_hooks
-    except Exception as exc:
-        _warn(f"could not load the LLaMA-Factory integration ({type(exc).__name__}: {exc}); stock behaviour unchanged")
-        return
-    install_process_hooks()
-    for row in PATCHES:
+def apply_patches(rows: Iterable[Patch], module) -> None:
+    """Apply, in table order, every row of ``rows`` that targets ``module`` (which has just finished importing)."""
+    for row in rows:
         if row.module == module.__name__:
             apply_patch(row, module)
+
+
+def unwatched_rows(rows: Iterable[Patch], watched: Collection[str]) -> list[Patch]:
+    """The rows whose module is not in ``watched``: nothing would ever hand that module to ``apply_patches``."""
+    return [row for row in rows if row.module not in watched]
+
+
+def check_watched(rows: Iterable[Patch], watched: Collection[str]) -> None:
+    """Raise if a row targets a module the startup hook does not watch (such a row would silently never apply)."""
+    missing = unwatched_rows(rows, watched)
+    if missing:
+        raise RuntimeError("patch rows target modules the startup hook does not watch, so they would never apply: "
+                           + ", ".join(f"`{row.name}` ({row.module})" for row in missing)
+                           + "; add the modules to the watched modules (llamafactory_moe/_autoload.py)")

@@ -1,0 +1,106 @@
+"""Create our adapter for training, load ours unmerged for resume and inference (merged only for ``export`` of a
+mergeable method). Mirrors ``llamafactory.model.adapter`` (``init_adapter``), patched where
+``llamafactory.model.loader`` imported it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...core.errors import MoeConfigError
+from ..patching import Patch
+from .checkpoints import (_adapter_paths, _check_adapters_match, check_adapter_fits, our_method_of,
+                          saved_adapter_shapes)
+from .common import VERIFIED, _require_patches
+
+
+def _wrap_init_adapter(original, module):
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        method = getattr(finetuning_args, "moe_method", None)
+        paths = _adapter_paths(model_args)
+        ours = [p for p in paths if os.path.isdir(p) and our_method_of(p)]
+        if method is None and not ours:
+            return original(config, model, model_args, finetuning_args, is_trainable)
+        return _setup_moe_adapter(model, model_args, finetuning_args, is_trainable, paths)
+
+    return init_adapter
+
+
+def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, paths: list[str]):
+    import torch
+    from peft import PeftModel, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from llamafactory.extras import logging
+
+    logger = logging.get_logger("llamafactory_moe")
+    _require_patches()
+    if is_trainable and getattr(model, "quantization_method", None) is not None and finetuning_args.moe_method:
+        from ...core.peft_types import METHODS
+
+        if METHODS[finetuning_args.moe_method].config_cls.modifies_base_weights:
+            raise MoeConfigError("quantization_bit", model_args.quantization_bit,
+                                 f"cannot be used with `{finetuning_args.moe_method}`")
+
+    cast_to_fp32 = (is_trainable and not finetuning_args.pure_bf16 and not finetuning_args.use_badam
+                    and not (model_args.quantization_bit is None and is_deepspeed_zero3_enabled()))
+
+    if paths:
+        if len(paths) > 1:
+            raise MoeConfigError("adapter_name_or_path", paths,
+                                 "lists several adapters; a llamafactory-moe adapter must be loaded alone")
+        _check_adapters_match(getattr(finetuning_args, "moe_method", None), paths, "adapter_name_or_path")
+        saved = saved_adapter_shapes(paths[0], "adapter_name_or_path") if os.path.isdir(paths[0]) else None
+        try:
+            model = PeftModel.from_pretrained(model, paths[0], is_trainable=is_trainable,
+                                              cache_dir=model_args.cache_dir, token=model_args.hf_hub_token)
+        except RuntimeError as exc:  # torch's "size mismatch for ..." while loading: name the file and the key
+            if saved is not None:
+                check_adapter_fits(model, paths[0], saved, "adapter_name_or_path")
+            raise exc
+        if saved is not None:
+            check_adapter_fits(model, paths[0], saved, "adapter_name_or_path")
+        peft_config = model.peft_config["default"]
+        logger.info_rank0(f"Loaded {peft_config.method_name} adapter from {paths[0]} (unmerged).")
+        if not is_trainable and model_args.export_dir is not None and peft_config.supports_merge:
+            model = model.merge_and_unload()
+            logger.info_rank0("Merged the adapter into the base weights for export.")
+    elif is_trainable:
+        config = finetuning_args.moe_peft_config
+        target_modules = list(finetuning_args.lora_target)
+        if len(target_modules) == 1 and target_modules[0] == "all":
+            from llamafactory.model.model_utils.misc import find_all_linear_modules
+
+            target_modules = find_all_linear_modules(model, finetuning_args.freeze_vision_tower)
+        config = type(config)(**{**config.to_dict(), "target_modules": target_modules,
+                                 "peft_type": None, "inference_mode": False})
+        model = get_peft_model(model, config, autocast_adapter_dtype=cast_to_fp32)
+        logger.info_rank0(f"Created a {config.method_name} adapter on {sorted(set(target_modules))}.")
+    else:
+        return model
+
+    if is_trainable and cast_to_fp32:
+        for param in filter(lambda p: p.requires_grad, model.parameters()):
+            param.data = param.data.to(torch.float32)
+    if is_trainable and is_deepspeed_zero3_enabled():
+        _mark_zero3_leaf_modules(model)
+    return model
+
+
+def _mark_zero3_leaf_modules(model) -> None:
+    """Gather every expert/router parameter of a layer together: data-dependent routing must not break ZeRO-3's
+    prefetch trace (DeepSpeed ``set_z3_leaf_modules``)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ...core.layer import MoeLoraLayer
+
+    classes = sorted({type(m) for m in model.modules() if isinstance(m, MoeLoraLayer)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(model, classes)
+
+
+PATCHES: list[Patch] = [
+    Patch("init_adapter", "llamafactory.model.loader", "init_adapter", _wrap_init_adapter,
+          "create our adapters for training; load them unmerged for resume and inference", VERIFIED,
+          ("config", "model", "model_args", "finetuning_args", "is_trainable")),
+]
