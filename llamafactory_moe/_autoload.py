@@ -32,6 +32,8 @@ WATCHED_MODULES: dict[str, str] = {
     "llamafactory.train.dpo.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
     "llamafactory.train.kto.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
     "llamafactory.train.rm.trainer": "llamafactory_moe.integrations.llamafactory:on_module_imported",
+    **{f"llamafactory.webui.{m}": "llamafactory_moe.integrations.llamafactory:on_module_imported"  # LlamaBoard rows
+       for m in ("common", "control", "runner", "chatter", "components.top", "components.train", "components.export")},
 }
 
 _lock = threading.RLock()

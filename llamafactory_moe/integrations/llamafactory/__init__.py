@@ -39,6 +39,7 @@ from __future__ import annotations
 from ..._autoload import WATCHED_MODULES
 from ..patching import Patch, apply_patches, check_watched
 from . import adapter, callbacks, hparams, ploting, trainer, tuner
+from .. import llamaboard  # LlamaBoard rows (integrations/llamaboard.py)
 from .adapter import _setup_moe_adapter
 from .callbacks import MoeStepCallback
 from .checkpoints import ADAPTER_WEIGHTS, check_adapter_fits, our_method_of, peft_type_of, saved_adapter_shapes
@@ -56,7 +57,7 @@ __all__ = [
 
 # The table. Order matters only within a module (the order below is the order of the former single-file table).
 PATCHES: list[Patch] = (hparams.PATCHES + adapter.PATCHES + tuner.PATCHES + callbacks.PATCHES + ploting.PATCHES
-                        + trainer.PATCHES)
+                        + trainer.PATCHES + llamaboard.LLAMABOARD_PATCHES)
 
 
 def on_module_imported(module) -> None:
