@@ -109,23 +109,27 @@ def _quoted_choices(key: MoeKey) -> list[str]:
 
 
 def build_widget(key: MoeKey):
-    """One gradio input for ``key`` (created unrendered; the accordion renders it). Numbers get the lowest value the
-    config accepts (0 or 1) as ``minimum``; lists and optional lists are yaml text."""
+    """One gradio input for ``key`` (created unrendered; the accordion renders it). Numbers get ``minimum`` 0 when the
+    config accepts 0 (integers: else 1 when it accepts 1); lists and numbers defaulting to None are yaml text."""
     import gradio as gr
 
     common = dict(label=key.key, info=key.help, elem_id=key.elem_name, render=False, interactive=True)
     base = _base_type(key.type)
     if base is bool:
         return gr.Checkbox(value=bool(key.default), **common)
-    if base in (int, float):
-        low = 0 if _accepts(key.method, key.field, base(0)) else 1 if _accepts(key.method, key.field, base(1)) else None
+    if base in (int, float) and key.default is not None:  # (gradio sends 0 for an empty Number: None needs text)
+        low = 0 if _accepts(key.method, key.field, base(0)) else None
+        if low is None and base is int and _accepts(key.method, key.field, 1):
+            low = 1
         return gr.Number(value=key.default, minimum=low, precision=0 if base is int else None, **common)
     if base is str:
         choices = _quoted_choices(key)
         if choices:
             return gr.Dropdown(choices=choices, value=key.default, allow_custom_value=True, **common)
         return gr.Textbox(value=key.default, **common)
-    return gr.Textbox(value=_yaml_text(key.default), **common)  # list[int], Optional[list[float]]: yaml flow text
+    # lists, and numbers whose default is None (empty = None): yaml text
+    return gr.Textbox(value=_yaml_text(key.default), placeholder="empty = default (None)" if key.default is None
+                      else None, **common)
 
 
 def _yaml_text(value: Any) -> str:
@@ -137,21 +141,23 @@ def _yaml_text(value: Any) -> str:
 
 
 def widget_value(key: MoeKey, raw: Any) -> Any:
-    """The yaml value of a widget's content; a text that is not yaml is our one-line error."""
+    """The yaml value of a widget's content (empty = None); a text that is not yaml is our one-line error."""
     base = _base_type(key.type)
     if raw is None or raw == "":
         return None
     if base is int and isinstance(raw, float) and raw.is_integer():
         return int(raw)
-    if base in (bool, int, float, str):
+    if base is str or not isinstance(raw, str):
         return raw
     import yaml
 
     try:
-        value = yaml.safe_load(str(raw))
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise MoeConfigError(key.key, raw, "is not a yaml value", "write e.g. [4, 4]", method=key.method) from None
-    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        raise MoeConfigError(key.key, raw, "is not a yaml value", "write e.g. [4, 4] or 0.5", method=key.method) from None
+    if typing.get_origin(base) is list and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]  # one value for a per-layer list (the config broadcasts it)
+    return value
 
 
 def moe_args(method: str, get) -> dict[str, Any]:
