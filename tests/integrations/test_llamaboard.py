@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_ENV, REPO_ROOT
+from tests.conftest import BASE_ENV, REPO_ROOT, read_jsonl
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -186,7 +186,8 @@ class Page:
         """Click "Preview command" and parse the command it shows into {key: value}."""
         self.d.execute_script("document.querySelectorAll('pre code').forEach(e => e.textContent = '');")
         self.click("Preview command")
-        code = self.wait_for(lambda: self.visible("//pre[contains(., 'llamafactory-cli train')]"))
+        code = self.wait_for(lambda: self.visible("//pre[contains(., 'llamafactory-cli train')]"),
+                             message=f"no command; the page ends with: {self.text()[-800:]}")
         return dict(re.findall(r"--(\S+) (.*?) *\\?$", code.text, flags=re.M))
 
     def screenshot(self, element, name: str) -> Path:
@@ -237,6 +238,21 @@ def test_hydralora_keys_in_preview(ui):
     assert (cmd["moe_num_experts"], cmd["moe_head_balance_loss"], cmd["lora_rank"]) == ("2", "True", "8")
 
 
+def test_every_method_shows_only_its_keys_and_previews(ui):
+    from llamafactory_moe.integrations.llamaboard import method_keys, method_names
+
+    for method in method_names():
+        ui.choose("Finetuning method", method)
+        ui.wait_for(lambda: ui.visible(f"//div[@id='moe_group_{method}']"), message=method)
+        shown = {e.get_attribute("id") for e in ui.d.find_elements("css selector", "[id^='moe_']") if e.is_displayed()}
+        assert {k for k in shown if k.count("_") > 1 and not k.startswith("moe_group")} == \
+            {k.elem_name for k in method_keys(method)}, method
+        cmd = ui.preview()  # a command, not our error: the UI's defaults are valid for every method
+        assert cmd["finetuning_type"] == method, method
+        # S'MoRE sizes its experts per layer and rejects lora_rank / lora_alpha; the others read them.
+        assert ("lora_rank" in cmd) == (method != "smore"), method
+
+
 def test_smora_trains_lists_chats_evaluates_and_refuses_export(ui, tmp_path):
     ui.choose("Finetuning method", "smora")
     ui.type_into("moe_smora_top_k", "4")
@@ -253,6 +269,10 @@ def test_smora_trains_lists_chats_evaluates_and_refuses_export(ui, tmp_path):
     run = next(saves.iterdir())
     logs = (run / "trainer_log.jsonl").read_text()
     assert '"lm_loss"' in logs and '"moe_aux_loss"' in logs
+    from llamafactory.extras.ploting import gen_loss_plot  # the function the Train tab plots with (patched)
+
+    lines = gen_loss_plot(read_jsonl(run / "trainer_log.jsonl")).axes[0].get_lines()
+    assert {"lm_loss", "moe_aux_loss"} <= {line.get_label() for line in lines}
     plot = ui.wait_for(lambda: ui.visible("//div[contains(@class,'block')][.//img[contains(@src,'data:')]]"))
     loss_shot = ui.screenshot(plot, "llamaboard_loss.png")
 
