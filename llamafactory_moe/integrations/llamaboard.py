@@ -224,10 +224,11 @@ def _wrap_create_train_tab(original, module):
                                 f"**{method}** has no `moe_*` keys; it reads the LoRA configurations above")
                     for key in method_key_list:
                         widgets[key.elem_name].render()
-        lora_tab = elem_dict["lora_tab"]
-        siblings = lora_tab.parent.children  # place the accordion right after LLaMA-Factory's LoRA accordion
-        siblings.remove(moe_tab)
-        siblings.insert(siblings.index(lora_tab) + 1, moe_tab)
+        lora_tab = elem_dict.get("lora_tab")  # place the accordion right after LLaMA-Factory's LoRA accordion
+        siblings = getattr(getattr(lora_tab, "parent", None), "children", [])
+        if lora_tab in siblings and moe_tab in siblings:  # else it stays at the end of the tab
+            siblings.remove(moe_tab)
+            siblings.insert(siblings.index(lora_tab) + 1, moe_tab)
 
         def show(finetuning_type):
             return [gr.Accordion(visible=finetuning_type in groups)] + [
@@ -254,9 +255,18 @@ def _wrap_runner_parse_train_args(original, module):
 
 def check_with_parser(args: dict[str, Any]) -> None:
     """Parse ``args`` as ``llamafactory-cli train`` will (our validation runs while parsing): raises MoeConfigError.
-    Other errors are left to the training process, which reports them in the output box as LLaMA-Factory does."""
-    from llamafactory.hparams import parser
 
+    Our finetuning arguments are parsed alone first, so their checks run even when another dataclass fails earlier
+    (e.g. ``bf16`` on a CPU machine); then the whole command, for the cross-argument checks. Other errors are left to
+    the training process, which reports them in the output box as LLaMA-Factory does."""
+    from llamafactory.hparams import parser
+    from transformers import HfArgumentParser
+
+    from .arguments import _MoeArgumentsBase
+
+    ours = [c for c in parser._TRAIN_ARGS if isinstance(c, type) and issubclass(c, _MoeArgumentsBase)]
+    if ours:
+        HfArgumentParser(ours[0]).parse_dict(dict(args), allow_extra_keys=True)
     try:
         parser._parse_train_args(dict(args))
     except MoeConfigError:
