@@ -216,13 +216,21 @@ def test_invalid_value_shows_error_and_nothing_starts(ui):
     ui.type_into("moe_moelora_top_k", "3")
     message = ("llamafactory-moe: invalid configuration: `moe_top_k` (3) must be <= `moe_num_experts` (2) for "
                "`moelora`; lower `moe_top_k` or raise `moe_num_experts`")
-    ui.click("Preview command")
-    ui.wait_text(message)
-    ui.click("Start")
-    ui.wait_text(message)
+    for button in ("Preview command", "Start"):
+        ui.d.execute_script("document.querySelectorAll('.toast-text').forEach(e => e.remove());")
+        ui.click(button)
+        ui.wait_for(lambda: any(message in e.text for e in ui.d.find_elements("css selector", ".toast-text")),
+                    message=f"{button}: no warning with our message")
+        # and the output box (markdown: backticks become <code>; after Start it still holds the same message)
+        ui.wait_for(lambda: ui.visible(f'//p[normalize-space()="{message.replace("`", "")}"]'),
+                    message=f"{button}: our message is not in the output box")
     time.sleep(3)
     assert not (ui.workdir / "saves").exists()  # nothing was launched
     ui.type_into("moe_moelora_top_k", "1")
+    ui.type_into("moe_moelora_aux_loss_coef", "-1")  # below the widget's minimum: gradio refuses it
+    ui.click("Preview command")
+    ui.wait_text("Value -1 is less than minimum value 0")
+    ui.type_into("moe_moelora_aux_loss_coef", "0.01")
     cmd = ui.preview()
     assert (cmd["moe_num_experts"], cmd["moe_top_k"]) == ("2", "1")
 
@@ -251,6 +259,9 @@ def test_every_method_shows_only_its_keys_and_previews(ui):
         assert cmd["finetuning_type"] == method, method
         # S'MoRE sizes its experts per layer and rejects lora_rank / lora_alpha; the others read them.
         assert ("lora_rank" in cmd) == (method != "smore"), method
+    ui.choose("Finetuning method", "goat")
+    ui.check("moe_goat_svd_init", False)  # a key whose default is true: false must reach the command
+    assert ui.preview()["moe_svd_init"] == "False"
 
 
 def test_smora_trains_lists_chats_evaluates_and_refuses_export(ui, tmp_path):
