@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from typing import Any, Optional
+from typing import Any
 
 from ..core.errors import MoeConfigError
 from .patching import Patch
@@ -154,7 +154,8 @@ def widget_value(key: MoeKey, raw: Any) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise MoeConfigError(key.key, raw, "is not a yaml value", "write e.g. [4, 4] or 0.5", method=key.method) from None
+        raise MoeConfigError(key.key, raw, "is not a yaml value", "write e.g. [4, 4] or 0.5",
+                             method=key.method) from None
     if typing.get_origin(base) is list and isinstance(value, (int, float)) and not isinstance(value, bool):
         return [value]  # one value for a per-layer list (the config broadcasts it)
     return value

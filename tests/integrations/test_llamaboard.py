@@ -34,7 +34,8 @@ def _require_browser() -> None:
     if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
         return
     if os.environ.get("LLAMAFACTORY_MOE_NO_BROWSER"):
-        pytest.skip(f"LlamaBoard browser tests need chromium + chromedriver: {os.environ['LLAMAFACTORY_MOE_NO_BROWSER']}")
+        reason = os.environ["LLAMAFACTORY_MOE_NO_BROWSER"]
+        pytest.skip(f"LlamaBoard browser tests need chromium + chromedriver: {reason}")
     pytest.fail(f"chromium / chromedriver not found ({CHROMIUM}, {CHROMEDRIVER}): install them with "
                 "`apt-get install -y chromium chromium-driver` (.ci/run does)")
 
@@ -164,7 +165,8 @@ class Page:
             box.click()
 
     def click(self, text: str) -> None:
-        self.wait_for(lambda: self.visible(f"//button[normalize-space()='{text}' and not(@role='tab')]"), message=text).click()
+        button = f"//button[normalize-space()='{text}' and not(@role='tab')]"  # not the tab of the same name
+        self.wait_for(lambda: self.visible(button), message=text).click()
 
     def tab(self, name: str) -> None:
         self.wait_for(lambda: self.visible(f"//button[@role='tab' and normalize-space()='{name}']"),
