@@ -353,9 +353,9 @@ LLAMABOARD_PATCHES: list[Patch] = [
     Patch("webui_runner_initialize", "llamafactory.webui.runner", "Runner._initialize", _wrap_runner_initialize,
           "validate our keys with the argument parser before preview / start; show our one-line error", VERIFIED,
           ("self", "data", "do_train", "from_preview")),
-    Patch("webui_loss_plot", "llamafactory.extras.ploting", "gen_loss_plot", _wrap_gen_loss_plot,
-          "the Train tab's loss plot also shows lm_loss and moe_aux_loss from trainer_log.jsonl", VERIFIED,
-          ("trainer_log",)),
+    Patch("webui_loss_plot", "llamafactory.webui.control", "gen_loss_plot", _wrap_gen_loss_plot,
+          "the Train tab's loss plot (control's import of extras.ploting.gen_loss_plot) also shows lm_loss and "
+          "moe_aux_loss from trainer_log.jsonl", VERIFIED, ("trainer_log",)),
     Patch("webui_export", "llamafactory.webui.components.export", "save_model", _wrap_export_save_model,
           "show our refusal (merging a routed adapter) in the Export tab's info box", VERIFIED, ("lang",)),
     Patch("webui_chat_load", "llamafactory.webui.chatter", "WebChatModel.load_model", _wrap_chat_load_model,

@@ -282,7 +282,7 @@ def test_smora_trains_lists_chats_evaluates_and_refuses_export(ui, tmp_path):
     run = next(saves.iterdir())
     logs = (run / "trainer_log.jsonl").read_text()
     assert '"lm_loss"' in logs and '"moe_aux_loss"' in logs
-    from llamafactory.extras.ploting import gen_loss_plot  # the function the Train tab plots with (patched)
+    from llamafactory.webui.control import gen_loss_plot  # the function the Train tab plots with (patched)
 
     lines = gen_loss_plot(read_jsonl(run / "trainer_log.jsonl")).axes[0].get_lines()
     assert {"lm_loss", "moe_aux_loss"} <= {line.get_label() for line in lines}
