@@ -45,6 +45,19 @@ def test_every_registered_method_has_valid_examples_and_is_in_the_cases():
     assert build_cases() == METHOD_CASES
 
 
+def test_hand_written_expectations_cover_every_method():
+    """The tables that state what a method must do by hand (independent of the code under test) name every method:
+    a new method fails here rather than silently skipping the accumulation test or failing inside the stage runs."""
+    from tests.integrations.test_stages import AUX_TERMS, UNROUTED
+    from tests.test_accumulation import ROUTED
+
+    register_all_methods()
+    assert set(AUX_TERMS) == {case[0] for case in METHOD_CASES}, "add each example id to AUX_TERMS in test_stages.py"
+    routed = {name for name, spec in METHODS.items() if spec.config_cls.has_router}
+    assert set(ROUTED) == routed, "add the method's routed example to ROUTED in test_accumulation.py"
+    assert UNROUTED == set(METHODS) - routed, "UNROUTED in test_stages.py: the methods whose `has_router` is False"
+
+
 def _copy_package(root: Path) -> Path:
     """The installed package tree copied under ``root`` (to put first on ``PYTHONPATH``); returns its methods dir."""
     shutil.copytree(PACKAGE_DIR, root / "llamafactory_moe", ignore=shutil.ignore_patterns("__pycache__"))
