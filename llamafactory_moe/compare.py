@@ -99,9 +99,10 @@ class Preset:
 
 
 def _known_methods() -> list[str]:
-    from .methods import IMPLEMENTED
+    from .core.peft_types import METHODS, register_all_methods
 
-    return ["lora", *IMPLEMENTED]
+    register_all_methods()
+    return ["lora", *METHODS]
 
 
 def load_preset(path: str | os.PathLike) -> Preset:

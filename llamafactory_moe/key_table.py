@@ -46,10 +46,9 @@ def _defaults(config_cls) -> dict[str, Any]:
 def rows() -> list[tuple[str, str, str, str]]:
     """``(key, methods, default, meaning)`` rows, shared keys first."""
     from .core.peft_types import METHODS, register_all_methods
-    from .methods import IMPLEMENTED
 
     register_all_methods()
-    specs = [METHODS[name] for name in IMPLEMENTED]
+    specs = list(METHODS.values())
     table = [("finetuning_type", "all", "—", "the method: " + ", ".join(f"`{s.name}`" for s in specs)),
              ("lora_target", "all", "—", "modules to wrap (LLaMA-Factory's key; `all` = every linear layer)")]
     from .core.config import SHARED_FIELD_TO_LF_KEY

@@ -33,11 +33,12 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str]:
 
 def test_every_implemented_method_is_reported(tiny_run):
     from llamafactory_moe.bench.cases import BENCH_CASES
-    from llamafactory_moe.methods import IMPLEMENTED
+    from llamafactory_moe.core.peft_types import METHODS, register_all_methods
 
+    register_all_methods()
     result, markdown = tiny_run
-    assert set(result["methods"]) == set(IMPLEMENTED)
-    for method in IMPLEMENTED:
+    assert set(result["methods"]) == set(METHODS)
+    for method in METHODS:
         if method not in BENCH_CASES:
             assert f"`{method}`: no bench config" in markdown
             continue

@@ -48,12 +48,15 @@ def check_adapter(adapter: str) -> str:
         raise AnalyzeError(f"--adapter {adapter}: {exc}") from None
     if peft_type is None:
         raise AnalyzeError(f"--adapter {adapter}: has no adapter_config.json; point it at a training output_dir")
+    from ..core.peft_types import METHODS
+
     method = our_method_of(adapter)
     if method is None:
+        routed = ", ".join(name for name, spec in METHODS.items() if spec.config_cls.has_router)
         raise AnalyzeError(f"--adapter {adapter}: is a {peft_type} adapter, not a llamafactory-moe MoE-LoRA adapter; "
-                           "analyze reads the routers of moelora, smora, smore, d2mora, goat, adamole, hydralora")
-    if method == "moslora":
-        raise AnalyzeError(f"--adapter {adapter}: is a moslora adapter, which has no router and no experts to analyse")
+                           f"analyze reads the routers of {routed}")
+    if not METHODS[method].config_cls.has_router:
+        raise AnalyzeError(f"--adapter {adapter}: is a {method} adapter, which has no router and no experts to analyse")
     return method
 
 

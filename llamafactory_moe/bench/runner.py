@@ -111,11 +111,10 @@ def run(settings: Settings) -> dict:
     device = torch.device(settings.device)
     import peft  # noqa: F401  (first: its import hook registers the methods, which import core)
 
-    from ..core.peft_types import register_all_methods
-    from ..methods import IMPLEMENTED
+    from ..core.peft_types import METHODS, register_all_methods
 
     register_all_methods()
-    methods = list(settings.methods) if settings.methods else list(IMPLEMENTED)
+    methods = list(settings.methods) if settings.methods else list(METHODS)
     cases, missing = cases_for(methods)
     errors = _Errors()
     variants: dict[str, dict] = {}

@@ -1,13 +1,13 @@
 """What every method shares: config/layer/tuner bases, routers and balance losses, batched expert kernels, PeftType
 registration and the aux-loss collector. Nothing here imports ``methods/`` or ``integrations/``."""
 
-from .config import SHARED_FIELD_TO_LF_KEY, MoeLoraConfig
+from .config import SHARED_FIELD_TO_LF_KEY, Example, MoeLoraConfig
 from .errors import MoeConfigError
 from .layer import MoeLoraLayer
 from .peft_types import METHODS, finish_deferred_registration, register_method
 from .tuner import MoeLoraTuner
 
-__all__ = ["METHODS", "SHARED_FIELD_TO_LF_KEY", "MoeConfigError", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraTuner",
+__all__ = ["METHODS", "SHARED_FIELD_TO_LF_KEY", "Example", "MoeConfigError", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraTuner",
            "register_method"]
 
 # Last: if `import peft` happened inside this package's import, register the methods now that core is complete.

@@ -8,7 +8,7 @@ Capabilities are ``ClassVar`` flags so tests and integrations read flags, never 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -24,6 +24,19 @@ SHARED_FIELD_TO_LF_KEY = {
     "expert_dropout": "lora_dropout",
     "aux_loss_coef": "moe_aux_loss_coef",
 }
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example setting of a method, carried by its config class (``examples``): the test matrix, stages, numerics,
+    scaling-out and OpenCompass tests run every method through its examples (``tests/method_cases.py``).
+
+    ``kwargs`` build the PEFT config (besides ``target_modules``); ``lf_keys`` are the same setting as LLaMA-Factory
+    yaml keys (besides ``finetuning_type``). Keep them tiny: the tests use hidden-size-64 models."""
+
+    id: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    lf_keys: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,6 +55,11 @@ class MoeLoraConfig(PeftConfig):
     identity_at_init: ClassVar[bool] = True  # output equals the base model at init (with init_weights=True)
     modifies_base_weights: ClassVar[bool] = False  # e.g. GOAT's residual-corrected W0
     aux_loss_terms: ClassVar[tuple[str, ...]] = ()  # names of the auxiliary terms the layers record
+    has_router: ClassVar[bool] = True  # layers route tokens to experts (False: e.g. MoSLoRA's dense mixer)
+    # Example settings (the first is the method's default case in tests); every method needs at least one.
+    examples: ClassVar[tuple[Example, ...]] = ()
+    # Position in every listing of methods (help texts, the README key table); equal values sort by name.
+    listing_order: ClassVar[int] = 1000
 
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,

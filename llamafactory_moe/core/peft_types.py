@@ -21,7 +21,8 @@ class MethodSpec:
     model_cls: type
 
 
-# name -> spec, filled by `register_method` calls at the bottom of each methods/<name>.py
+# name -> spec: the one list of methods. Filled by `register_method` calls at the bottom of each methods/<name>.py,
+# which `llamafactory_moe.methods` discovers and imports; ordered by `sort_methods`.
 METHODS: dict[str, MethodSpec] = {}
 
 
@@ -47,16 +48,52 @@ def extend_peft_type(name: str):
         return member
 
 
-def register_method(name: str, config_cls: type, model_cls: type) -> None:
-    """Make ``name`` a PEFT method: enum member, config/tuner/prefix mappings. Idempotent."""
+def _check_names(name: str, config_cls: type, model_cls: type) -> None:
+    """A method's prefix, adapter-layer and buffer names all derive from its name (peft finds adapter tensors by
+    prefix, and two methods must never share a tensor name). One-line ``MoeConfigError`` otherwise."""
+    from .errors import MoeConfigError
+
+    where = f"{config_cls.__module__}.{config_cls.__name__}.method_name"
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise MoeConfigError(where, name, "must be a lower-case Python identifier (it is the `finetuning_type`)",
+                             "set `method_name: ClassVar[str] = \"<name>\"` on the config class")
+    prefix = f"{name}_"
+    if getattr(model_cls, "prefix", None) != prefix:
+        raise MoeConfigError(f"{model_cls.__name__}.prefix", getattr(model_cls, "prefix", None),
+                             f"must be `{prefix}` (the method name + '_')", method=name)
+    layer_cls = getattr(model_cls, "tuner_layer_cls", None)
+    for attr in ("adapter_layer_names", "buffer_names"):
+        for tensor_name in getattr(layer_cls, attr, ()):
+            if not tensor_name.startswith(prefix):
+                raise MoeConfigError(f"{getattr(layer_cls, '__name__', layer_cls)}.{attr}", tensor_name,
+                                     f"must start with `{prefix}`", "derive every adapter tensor name from the method "
+                                     "name", method=name)
+
+
+def register_method(config_cls: type, model_cls: type) -> None:
+    """Make ``config_cls.method_name`` a PEFT method: enum member, config/tuner/prefix mappings. Idempotent.
+
+    Called at the bottom of each ``methods/<name>.py``. The name comes from the config class; the tuner's ``prefix``
+    and its layer's adapter-layer and buffer names must derive from it."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import register_peft_method
 
+    name = config_cls.method_name
+    _check_names(name, config_cls, model_cls)
     with _lock:
         peft_type = extend_peft_type(name)
         if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is None:
             register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
         METHODS[name] = MethodSpec(name=name, config_cls=config_cls, model_cls=model_cls)
+
+
+def sort_methods() -> None:
+    """Order ``METHODS`` by the config classes' ``listing_order`` (then name): the order of every listing (help
+    texts, the README key table, default method lists). Called once discovery has imported every method file."""
+    with _lock:
+        ordered = sorted(METHODS.items(), key=lambda kv: (getattr(kv[1].config_cls, "listing_order", 0), kv[0]))
+        METHODS.clear()
+        METHODS.update(ordered)
 
 
 METHODS_PACKAGE = "llamafactory_moe.methods"

@@ -36,15 +36,14 @@ CONFLICTING_LORA_OPTIONS = {
 
 
 def all_method_names() -> tuple[str, ...]:
-    from ..methods import ALL_METHODS
+    """Every registered llamafactory-moe ``finetuning_type`` (the registry, in listing order)."""
+    register_all_methods()
+    return tuple(METHODS)
 
-    return ALL_METHODS
 
-
-def implemented_method_names() -> list[str]:
-    from ..methods import IMPLEMENTED
-
-    return list(IMPLEMENTED)
+def finetuning_type_help() -> str:
+    return ("Fine-tuning method: lora, oft, freeze, full (LLaMA-Factory) or a llamafactory-moe method: "
+            f"{', '.join(all_method_names())}.")
 
 
 def method_specific_fields() -> dict[str, tuple[Any, str, list[str]]]:
@@ -74,7 +73,8 @@ def _optional(typ):
 
 def build_finetuning_arguments_class(base_cls: type) -> type:
     """Create ``MoeFinetuningArguments(base_cls)`` with our keys. Called once, when the parser module is patched."""
-    extra_fields = []
+    # `finetuning_type` re-declared only to list the registered methods in its help text.
+    extra_fields = [("finetuning_type", str, field(default="lora", metadata={"help": finetuning_type_help()}))]
     for key, (typ, help_text, users) in method_specific_fields().items():
         extra_fields.append((key, _optional(typ), field(default=None, metadata={
             "help": f"[{', '.join(users)}] {help_text} (default: the method's)"})))
@@ -91,8 +91,8 @@ class _MoeArgumentsBase:
 
     finetuning_type: str = field(
         default="lora",
-        metadata={"help": "Fine-tuning method: lora, oft, freeze, full (LLaMA-Factory) or a llamafactory-moe method: "
-                          "moelora, smora, smore, d2mora, goat, adamole, hydralora, moslora."},
+        metadata={"help": "Fine-tuning method: lora, oft, freeze, full (LLaMA-Factory) or a llamafactory-moe method "
+                          "(the registered ones are listed by the generated class, `finetuning_type_help`)."},
     )
     moe_num_experts: Optional[int] = field(default=None, metadata={"help": "Experts per wrapped layer."})
     moe_top_k: Optional[int] = field(default=None, metadata={"help": "Experts (SMoRA: ranks) active per token."})
@@ -117,9 +117,6 @@ class _MoeArgumentsBase:
             close = difflib.get_close_matches(str(requested), STOCK_FINETUNING_TYPES + all_method_names(), n=1)
             raise MoeConfigError("finetuning_type", requested, f"must be one of {allowed}",
                                  f"did you mean `{close[0]}`?" if close else "")
-        if requested not in implemented_method_names():
-            raise MoeConfigError("finetuning_type", requested, "is not implemented yet in this llamafactory-moe version",
-                                 f"implemented: {', '.join(implemented_method_names())}")
 
         self._reject_conflicting_lora_options(requested)
         if self.stage not in SUPPORTED_STAGES:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_float
 from ..core.experts import paired_experts
 from ..core.routing import record_routing, sum_normalize, switch_balance_loss
@@ -46,6 +46,13 @@ class AdaMoLEConfig(MoeLoraConfig):
     """AdaMoLE: threshold-activated LoRA experts (module docstring; spec §3). `top_k` is not used."""
 
     method_name: ClassVar[str] = "adamole"
+    listing_order: ClassVar[int] = 60
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("adamole", dict(num_experts=4, expert_rank=2), dict(moe_num_experts=4, lora_rank=2)),
+        Example("adamole-high-threshold",
+                dict(num_experts=4, expert_rank=2, max_threshold=0.5),
+                dict(moe_num_experts=4, lora_rank=2, moe_max_threshold=0.5)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("num_experts", "expert_rank", "lora_alpha", "expert_dropout",
                                                  "aux_loss_coef")
     aux_loss_terms: ClassVar[tuple[str, ...]] = ("balance_loss",)
@@ -161,4 +168,4 @@ class AdaMoLEModel(MoeLoraTuner):
     tuner_layer_cls = AdaMoLELayer
 
 
-register_method("adamole", AdaMoLEConfig, AdaMoLEModel)
+register_method(AdaMoLEConfig, AdaMoLEModel)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool, check_int
 from ..core.experts import mixed_down_projection, routed_up_projection
 from ..core.routing import record_routing
@@ -49,6 +49,15 @@ class D2MoRAConfig(MoeLoraConfig):
     """D2MoRA: M down-experts mixed into one code, N up-experts reading it, two dense routers (module docstring)."""
 
     method_name: ClassVar[str] = "d2mora"
+    listing_order: ClassVar[int] = 40
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("d2mora",
+                dict(num_down_experts=3, num_experts=2, expert_rank=2),
+                dict(moe_num_down_experts=3, moe_num_experts=2, lora_rank=2)),
+        Example("d2mora-one-down-expert",
+                dict(num_down_experts=1, num_experts=3, expert_rank=2, aux_loss_coef=1e-2),
+                dict(moe_num_down_experts=1, moe_num_experts=3, lora_rank=2, moe_aux_loss_coef=1e-2)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("num_experts", "expert_rank", "lora_alpha", "expert_dropout",
                                                  "aux_loss_coef")
     aux_loss_terms: ClassVar[tuple[str, ...]] = ("diversity_loss",)
@@ -172,4 +181,4 @@ class D2MoRAModel(MoeLoraTuner):
     tuner_layer_cls = D2MoRALayer
 
 
-register_method("d2mora", D2MoRAConfig, D2MoRAModel)
+register_method(D2MoRAConfig, D2MoRAModel)

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft.utils.integrations import gather_params_ctx
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool, check_choice, check_float
 from ..core.experts import paired_experts
 from ..core.routing import record_routing, softmax_top_k, switch_balance_loss
@@ -64,6 +64,15 @@ class GoatConfig(MoeLoraConfig):
     """GOAT: SVD-segment experts, residual-corrected base, top-k routing (module docstring; spec §2)."""
 
     method_name: ClassVar[str] = "goat"
+    listing_order: ClassVar[int] = 50
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("goat-top2",
+                dict(num_experts=4, top_k=2, expert_rank=2),
+                dict(moe_num_experts=4, moe_top_k=2, lora_rank=2)),
+        Example("goat-gradient-alignment",
+                dict(num_experts=4, top_k=2, expert_rank=1, scaling_mode="gradient_alignment"),
+                dict(moe_num_experts=4, moe_top_k=2, lora_rank=1, moe_scaling_mode="gradient_alignment")),
+    )
     identity_at_init: ClassVar[bool] = False  # equals the base only in expectation over uniform routing
     modifies_base_weights: ClassVar[bool] = True  # the effective base is W_res (applied as a forward correction)
     aux_loss_terms: ClassVar[tuple[str, ...]] = ("balance_loss",)
@@ -243,4 +252,4 @@ class GoatModel(MoeLoraTuner):
                         time.perf_counter() - start)
 
 
-register_method("goat", GoatConfig, GoatModel)
+register_method(GoatConfig, GoatModel)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool
 from ..core.experts import routed_up_projection
 from ..core.routing import cv_squared, masked_mean, record_routing
@@ -42,6 +42,13 @@ class HydraLoRAConfig(MoeLoraConfig):
     """HydraLoRA: shared A, N routed B heads, dense softmax router (module docstring)."""
 
     method_name: ClassVar[str] = "hydralora"
+    listing_order: ClassVar[int] = 70
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("hydralora", dict(num_experts=3, expert_rank=2), dict(moe_num_experts=3, lora_rank=2)),
+        Example("hydralora-balance",
+                dict(num_experts=3, expert_rank=2, head_balance_loss=True),
+                dict(moe_num_experts=3, lora_rank=2, moe_head_balance_loss=True)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("num_experts", "expert_rank", "lora_alpha", "expert_dropout",
                                                  "aux_loss_coef")
     aux_loss_terms: ClassVar[tuple[str, ...]] = ("balance_loss",)
@@ -116,4 +123,4 @@ class HydraLoRAModel(MoeLoraTuner):
     tuner_layer_cls = HydraLoRALayer
 
 
-register_method("hydralora", HydraLoRAConfig, HydraLoRAModel)
+register_method(HydraLoRAConfig, HydraLoRAModel)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.experts import paired_experts
 from ..core.routing import record_routing, softmax_top_k, switch_balance_loss
 
@@ -38,6 +38,15 @@ class MoELoRAConfig(MoeLoraConfig):
     """Token-routed mixture of LoRA experts. Shared fields only (see ``MoeLoraConfig``)."""
 
     method_name: ClassVar[str] = "moelora"
+    listing_order: ClassVar[int] = 10
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("moelora-top2",
+                dict(num_experts=4, top_k=2, expert_rank=4),
+                dict(moe_num_experts=4, moe_top_k=2, lora_rank=4)),
+        Example("moelora-soft",
+                dict(num_experts=3, top_k=None, expert_rank=4),
+                dict(moe_num_experts=3, moe_top_k=3, lora_rank=4)),
+    )
     aux_loss_terms: ClassVar[tuple[str, ...]] = ("balance_loss",)
     default_aux_loss_coef: ClassVar[float] = 1e-2  # Switch Transformer's alpha
 
@@ -90,4 +99,4 @@ class MoELoRAModel(MoeLoraTuner):
     tuner_layer_cls = MoELoRALayer
 
 
-register_method("moelora", MoELoRAConfig, MoELoRAModel)
+register_method(MoELoRAConfig, MoELoRAModel)

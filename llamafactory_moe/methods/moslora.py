@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.experts import up_projection
 
 
@@ -33,8 +33,13 @@ class MoSLoRAConfig(MoeLoraConfig):
     """MoSLoRA: LoRA with a learnable r x r subspace mixer; mergeable (module docstring)."""
 
     method_name: ClassVar[str] = "moslora"
+    listing_order: ClassVar[int] = 80
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("moslora", dict(expert_rank=4), dict(lora_rank=4)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("expert_rank", "lora_alpha", "expert_dropout")
     supports_merge: ClassVar[bool] = True
+    has_router: ClassVar[bool] = False
 
     num_experts: int = field(default=1, metadata={"help": "Must stay 1: MoSLoRA is a single adapter."})
     top_k: Optional[int] = field(default=None, metadata={"help": "Must stay None: MoSLoRA has no router."})
@@ -93,4 +98,4 @@ class MoSLoRAModel(MoeLoraTuner):
     tuner_layer_cls = MoSLoRALayer
 
 
-register_method("moslora", MoSLoRAConfig, MoSLoRAModel)
+register_method(MoSLoRAConfig, MoSLoRAModel)

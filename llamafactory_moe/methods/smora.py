@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import MoeConfigError, check_bool, check_float, check_int
 from ..core.experts import paired_experts
 from ..core.routing import record_routing, top_k_keep_bias
@@ -70,6 +70,14 @@ class SMoRAConfig(MoeLoraConfig):
     """
 
     method_name: ClassVar[str] = "smora"
+    listing_order: ClassVar[int] = 20
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("smora", dict(expert_rank=8, top_k=2, lora_alpha=4.0), dict(lora_rank=8, moe_top_k=2, lora_alpha=4)),
+        Example("smora-as-shipped-gate",
+                dict(expert_rank=8, top_k=3, rank_partition=2, gate_uses_bias=True, bias_update_rate=1e-3),
+                dict(lora_rank=8, moe_top_k=3, moe_rank_partition=2, moe_gate_uses_bias=True,
+                     moe_bias_update_rate=1e-3)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("top_k", "expert_rank", "lora_alpha", "expert_dropout")
 
     expert_rank: int = field(default=64, metadata={"help": "LoRA rank r = number of rank-1 experts (`lora_rank`)."})
@@ -267,4 +275,4 @@ class SMoRAModel(MoeLoraTuner):
     tuner_layer_cls = SMoRALayer
 
 
-register_method("smora", SMoRAConfig, SMoRAModel)
+register_method(SMoRAConfig, SMoRAModel)

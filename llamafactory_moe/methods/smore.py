@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
 from ..core.experts import gather_experts
 from ..core.routing import cv_squared, record_routing, switch_balance_loss
@@ -90,6 +90,25 @@ class SMoREConfig(MoeLoraConfig):
     `lora_alpha` are not read; see `layer_num_experts`, `layer_top_k`, `layer_ranks`, `layer_lora_alpha`."""
 
     method_name: ClassVar[str] = "smore"
+    listing_order: ClassVar[int] = 30
+    examples: ClassVar[tuple[Example, ...]] = (
+        Example("smore-switch",
+                dict(layer_num_experts=[3, 2], layer_top_k=[2, 1], layer_ranks=[2, 3], gate_dims=[8],
+                     router_down_dim=8),
+                dict(moe_layer_num_experts=[3, 2], moe_layer_top_k=[2, 1], moe_layer_ranks=[2, 3], moe_gate_dims=[8],
+                     moe_router_down_dim=8)),
+        Example("smore-noisy-shared-pool",
+                dict(layer_num_experts=[3, 3], layer_top_k=[2, 2], layer_ranks=[2, 2], gate_type="noisy_topk",
+                     shared_expert_pool=True, activation_position="child_v2", gate_dims=[8], router_down_dim=8),
+                dict(moe_layer_num_experts=[3, 3], moe_layer_top_k=[2, 2], moe_layer_ranks=[2, 2],
+                     moe_gate_type="noisy_topk", moe_shared_expert_pool=True, moe_activation_position="child_v2",
+                     moe_gate_dims=[8], moe_router_down_dim=8)),
+        Example("smore-dense-eq-1-layer",
+                dict(layer_num_experts=[2, 2], layer_top_k=[2, 2], layer_ranks=[2, 2], gate_type="dense",
+                     init_method="eq_1_layer", gate_dims=[8], router_down_dim=8),
+                dict(moe_layer_num_experts=[2, 2], moe_layer_top_k=[2, 2], moe_layer_ranks=[2, 2],
+                     moe_gate_type="dense", moe_init_method="eq_1_layer", moe_gate_dims=[8], moe_router_down_dim=8)),
+    )
     shared_fields: ClassVar[tuple[str, ...]] = ("expert_dropout", "aux_loss_coef")
     # Every init but `normal` zeroes W_proj or B, and sigma(0) = 0 for every activation.
     identity_at_init: ClassVar[bool] = True
@@ -532,4 +551,4 @@ class SMoREModel(MoeLoraTuner):
     tuner_layer_cls = SMoRELayer
 
 
-register_method("smore", SMoREConfig, SMoREModel)
+register_method(SMoREConfig, SMoREModel)

@@ -14,6 +14,8 @@ from llamafactory_moe.core import aux_loss, experts, routing
 from llamafactory_moe.core.peft_types import extend_peft_type
 
 CORE_DIR = Path(__file__).resolve().parents[2] / "llamafactory_moe" / "core"
+# Every method file (discovered like `llamafactory_moe.methods` does: `_helper.py` files are not methods).
+METHOD_FILES = sorted(p.stem for p in (CORE_DIR.parent / "methods").glob("*.py") if not p.stem.startswith("_"))
 
 
 def test_softmax_top_k_keeps_k_and_renormalises():
@@ -131,6 +133,27 @@ def test_aux_loss_window_records_only_while_open_and_rejects_nesting():
     assert not aux_loss.is_open()
 
 
+@pytest.mark.parametrize("prefix, names, buffers, field, words", [
+    ("other_", ("probe_A",), (), "ProbeModel.prefix", "must be `probe_` (the method name + '_')"),
+    ("probe_", ("probe_A", "lora_B"), (), "ProbeLayer.adapter_layer_names", "('lora_B') must start with `probe_`"),
+    ("probe_", ("probe_A",), ("A_init",), "ProbeLayer.buffer_names", "('A_init') must start with `probe_`"),
+], ids=["prefix", "adapter-layer-name", "buffer-name"])
+def test_register_method_takes_the_name_from_the_config_and_checks_derived_names(prefix, names, buffers, field, words):
+    from llamafactory_moe.core import METHODS, MoeConfigError, MoeLoraConfig, register_method
+
+    config_cls = type("ProbeConfig", (MoeLoraConfig,), {"method_name": "probe"})
+    layer_cls = type("ProbeLayer", (), {"adapter_layer_names": names, "buffer_names": buffers})
+    model_cls = type("ProbeModel", (), {"prefix": prefix, "tuner_layer_cls": layer_cls})
+    with pytest.raises(MoeConfigError) as info:
+        register_method(config_cls, model_cls)
+    message = str(info.value)
+    assert message.startswith(f"`{field}`") and words in message and "\n" not in message, message
+    assert "probe" not in METHODS
+    bad_name = type("BadConfig", (MoeLoraConfig,), {"method_name": "Probe-1"})
+    with pytest.raises(MoeConfigError, match="must be a lower-case Python identifier"):
+        register_method(bad_name, model_cls)
+
+
 def test_core_imports_no_method_or_integration():
     for path in CORE_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -147,21 +170,21 @@ def test_core_imports_no_method_or_integration():
 @pytest.mark.parametrize("first_import", [
     "import peft",
     "import llamafactory_moe.core.layer",          # core pulls peft in while core itself is half-initialised
-    "import llamafactory_moe.methods.smora",       # a method file first
+    f"import llamafactory_moe.methods.{METHOD_FILES[-1]}",  # a method file first
     "from llamafactory_moe import MoELoRAConfig",  # the lazy public classes
 ])
 def test_methods_are_registered_whatever_is_imported_first(first_import):
     import subprocess
     import sys
 
+    assert len(METHOD_FILES) >= 8, METHOD_FILES
     script = (f"{first_import}\nimport peft\nfrom peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
               "print(sorted(k.value.lower() for k in M if k.value.lower() in "
-              "('moelora','smora','smore','d2mora','goat','adamole','hydralora','moslora')))")
+              f"{tuple(METHOD_FILES)!r}))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert "WARNING" not in proc.stderr, proc.stderr
-    assert proc.stdout.strip() == str(sorted(["adamole", "d2mora", "goat", "hydralora", "moelora", "moslora",
-                                              "smora", "smore"])), proc.stdout
+    assert proc.stdout.strip() == str(METHOD_FILES), proc.stdout
 
 
 def test_sum_normalize_matches_division_and_its_autograd_gradient():

@@ -28,10 +28,11 @@ def peft_type_of(adapter_dir: str) -> Optional[str]:
 
 
 def our_method_of(adapter_dir: str) -> Optional[str]:
-    from ...methods import ALL_METHODS
+    from ...core.peft_types import METHODS, register_all_methods
 
+    register_all_methods()
     peft_type = peft_type_of(adapter_dir)
-    return peft_type.lower() if peft_type and peft_type.lower() in ALL_METHODS else None
+    return peft_type.lower() if peft_type and peft_type.lower() in METHODS else None
 
 
 def _adapter_paths(model_args) -> list[str]:
