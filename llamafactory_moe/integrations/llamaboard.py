@@ -38,9 +38,9 @@ _SHARED_KEYS = ("num_experts", "top_k", "aux_loss_coef")  # shared config fields
 
 
 def method_names() -> list[str]:
-    from ..methods import IMPLEMENTED
+    from .arguments import all_method_names
 
-    return list(IMPLEMENTED)
+    return list(all_method_names())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

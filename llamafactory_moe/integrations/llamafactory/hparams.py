@@ -194,10 +194,16 @@ def _wrap_parse_infer_args(original, module):
                                      f"weights, and `{method}` routes each token through input-dependent experts, "
                                      "so it cannot be merged",
                                      "serve base model + adapter unmerged (`adapter_name_or_path`); "
-                                     "only `moslora` (and plain LoRA) export merged")
+                                     f"only {_mergeable_methods()} (and plain LoRA) export merged")
         return parsed
 
     return _parse_infer_args
+
+
+def _mergeable_methods() -> str:
+    from ...core.peft_types import METHODS
+
+    return ", ".join(f"`{name}`" for name, spec in METHODS.items() if spec.config_cls.supports_merge)
 
 
 PATCHES: list[Patch] = [
