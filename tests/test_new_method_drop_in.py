@@ -58,6 +58,18 @@ def test_hand_written_expectations_cover_every_method():
     assert UNROUTED == set(METHODS) - routed, "UNROUTED in test_stages.py: the methods whose `has_router` is False"
 
 
+def test_every_registered_method_has_its_reference_test():
+    """Each method is checked against a straightforward loop reference written in its own test file; a new method
+    fails here until `tests/methods/test_<name>.py` exists and compares it with one."""
+    register_all_methods()
+    methods_dir = REPO_ROOT / "tests" / "methods"
+    missing = [name for name in METHODS if not (methods_dir / f"test_{name}.py").is_file()]
+    assert not missing, f"no reference test for {missing}: write tests/methods/test_<name>.py"
+    for name in METHODS:
+        text = (methods_dir / f"test_{name}.py").read_text()
+        assert "reference" in text.lower(), f"tests/methods/test_{name}.py compares with no reference"
+
+
 def _copy_package(root: Path) -> Path:
     """The installed package tree copied under ``root`` (to put first on ``PYTHONPATH``); returns its methods dir."""
     shutil.copytree(PACKAGE_DIR, root / "llamafactory_moe", ignore=shutil.ignore_patterns("__pycache__"))
