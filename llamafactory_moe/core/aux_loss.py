@@ -147,6 +147,14 @@ def is_open() -> bool:
 def _in_autograd_function_forward() -> bool:
     """Inside a custom ``torch.autograd.Function.forward`` (reentrant checkpointing's first pass): PyTorch turns off
     both backward and forward-mode AD there, whereas ``torch.no_grad()`` leaves forward-mode AD on."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `_is_fwd_grad_enabled` (a graph break) nor guard on it. Compiled, the answer is False:
+        # dynamo traces checkpointing as a higher-order op that keeps gradients on (this rule is then not reached),
+        # so a compiled no-grad forward is a plain no_grad / inference_mode pass (KTO's KL batch). Reentrant
+        # checkpointing run eagerly around separately compiled layers is the one case answered wrong (its first pass
+        # would record nothing); LLaMA-Factory forces non-reentrant checkpointing, under which the terms it would
+        # have recorded had no graph anyway.
+        return False
     fwd_grad_enabled = getattr(torch._C, "_is_fwd_grad_enabled", None)
     return fwd_grad_enabled is not None and not fwd_grad_enabled() and not torch.is_inference_mode_enabled()
 
