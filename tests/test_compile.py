@@ -10,7 +10,10 @@ Layer tests (a ``Linear(24, 20)`` wrapped by peft, adapters randomised so nothin
   next step runs with the updated bias and weights;
 * **checkpoint**: the same under non-reentrant ``torch.utils.checkpoint`` (what LLaMA-Factory forces); dynamo traces it
   as a higher-order op, which needs ``core/compiling.py``'s setting (applied by our tuner);
-* **eval**: ``model.eval()`` under ``no_grad``.
+* **eval**: ``model.eval()`` under ``no_grad``;
+* **no_grad_in_window**: a training window open with gradients and the layer run under ``no_grad`` (KTO's KL pass):
+  ``aux_loss.pause_unless_counted`` (which reads ``torch._C._is_fwd_grad_enabled`` and the grad mode) pauses the
+  window, so nothing is recorded and SMoRA counts nothing, compiled as in eager.
 
 Each mode compiles exactly one graph (``CompileCounterWithBackend``: one frame across the three token counts), and the
 compiled layer reproduces the eager one to 1e-5 (fp32): output, input gradient, every parameter gradient, every aux term,
@@ -105,7 +108,12 @@ def _call_eval(model, x):
     return model(x)
 
 
-MODES = {"train": _call_train, "checkpoint": _call_checkpointed, "eval": _call_eval}
+def _call_no_grad_in_window(model, x):
+    return model(x)
+
+
+MODES = {"train": _call_train, "checkpoint": _call_checkpointed, "eval": _call_eval,
+         "no_grad_in_window": _call_no_grad_in_window}
 
 
 def _batch(shape, step):
@@ -129,6 +137,15 @@ def _step(model, fn, mode, shape, step, dynamic):
         model.eval()
         with torch.no_grad():
             return {"out": fn(model, x)}
+    if mode == "no_grad_in_window":  # KTO's KL pass: `aux_loss.pause_unless_counted` pauses the training window
+        model.train()
+        with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+            with torch.no_grad():
+                out = fn(model, x)
+        layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer)]
+        assert not window.terms and not window.routing and not window.paused
+        assert all(not stat.any() for layer in layers for stat in layer.step_statistics())  # SMoRA counted nothing
+        return {"out": out}
     model.train()
     x.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -167,7 +184,7 @@ def _assert_same(expected: dict, actual: dict, context: str) -> None:
             torch.testing.assert_close(other, value, **TOL, msg=lambda m: f"{context} {key}: {m}")
 
 
-def _compiled_matches_eager(method, kwargs, backend, modes=("train", "checkpoint", "eval")):
+def _compiled_matches_eager(method, kwargs, backend, modes=tuple(MODES)):
     eager = make_layer_model(method, kwargs)
     compiled_model = copy.deepcopy(eager)
     for mode in modes:
@@ -249,3 +266,107 @@ def test_checkpointed_tiny_llama_compiles_fullgraph_and_matches_eager(case_id, m
             results.append({"lm": lm.detach(), "aux": aux, **{f"grad:{n}": g for n, g in grads.items()}})
         assert all(v is not None for v in results[0].values() if v is not results[0]["aux"])
         _assert_same(results[0], results[1], f"seq {seq}:")
+
+
+# -- LLaMA-Factory: `torch_compile: true` ------------------------------------------------------------------------------
+_RELOAD_LOGITS = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.load(sys.argv[3])
+with torch.no_grad():
+    plain = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, sys.argv[2]).eval()(ids).logits
+torch.save({"base": plain, "adapted": adapted}, sys.argv[4])
+"""
+
+
+def _fresh_process_logits(tiny_model: str, adapter_dir: Path, tmp_path: Path) -> dict:
+    """Logits of the base model and of ``PeftModel.from_pretrained(base, adapter_dir)`` in a new interpreter (only the
+    startup hook teaches its peft our adapter types)."""
+    ids_path, out_path = tmp_path / f"{adapter_dir.name}_ids.pt", tmp_path / f"{adapter_dir.name}_logits.pt"
+    torch.save(torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0)), ids_path)
+    proc = subprocess.run([sys.executable, "-c", _RELOAD_LOGITS, tiny_model, str(adapter_dir), str(ids_path),
+                           str(out_path)], env=BASE_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"ids": torch.load(ids_path), **torch.load(out_path)}
+
+
+def _logits_of_state(tiny_model: str, adapter_dir: Path, state_file: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the tiny model carrying ``state_file`` (the probe's snapshot of the adapter in training memory)."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    set_peft_model_state_dict(model, load_file(str(state_file)))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _logged_steps(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+def test_llamafactory_cli_trains_compiled_moelora(tiny_model, tiny_data, tmp_path):
+    """The real ``llamafactory-cli train`` with ``torch_compile: true`` (inductor, gradient checkpointing on as
+    LLaMA-Factory defaults): 3 steps with the aux loss, the adapter saves and a fresh process reloads it."""
+    out = tmp_path / "moelora"
+    proc = run_cli(["llamafactory-cli", "train"],
+                   train_args(tiny_model, tiny_data, str(out), max_steps=3, torch_compile=True), tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    steps = _logged_steps(out)
+    assert len(steps) == 3 and all(r["moe_aux_loss"] > 0 for r in steps), steps
+    logits = _fresh_process_logits(tiny_model, out, tmp_path)
+    assert torch.isfinite(logits["adapted"]).all()
+    assert not torch.allclose(logits["adapted"], logits["base"])  # the trained adapter is applied
+
+
+@pytest.mark.slow
+def test_llamafactory_run_exp_trains_every_method_compiled(tiny_model, tiny_data, tmp_path):
+    """Every other method (first case of each in ``tests/method_cases.py``) with ``torch_compile: true``, batched in one
+    interpreter (``run_exp_many.py``: each run is LLaMA-Factory's ``run_exp``, what the CLI runs), backend
+    ``aot_eager`` to keep CI time (the CLI test above and the layer tests cover inductor). Each trains 3 steps; the
+    saved adapter, reloaded in a fresh process, gives the logits of the adapter the probe snapshotted in training
+    memory at the end. SMoRA also trains eagerly: the compiled run logs the same losses and ends with the same adapter
+    (bias included)."""
+    from safetensors.torch import load_file
+
+    first = {}
+    for case_id, method, _kwargs, lf_keys in METHOD_CASES:
+        if method in METHODS and method != "moelora":
+            first.setdefault(method, lf_keys)
+    common = dict(max_steps=3, moe_num_experts=None, moe_top_k=None, lora_rank=None)
+    runs = {method: train_args(tiny_model, tiny_data, str(tmp_path / method), finetuning_type=method, torch_compile=True,
+                               torch_compile_backend="aot_eager", **{**common, **keys})
+            for method, keys in first.items()}
+    runs["smora-eager"] = train_args(tiny_model, tiny_data, str(tmp_path / "smora-eager"), finetuning_type="smora",
+                                     **{**common, **first["smora"]})
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"runs": list(runs.values())}))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "integrations" / "run_exp_many.py"), str(plan)],
+                          cwd=tmp_path, env=BASE_ENV, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+    for name in runs:
+        out = tmp_path / name
+        assert len(_logged_steps(out)) == 3, name
+        initial, final = load_file(str(out / "initial_rank0.safetensors")), load_file(str(out / "final_rank0.safetensors"))
+        assert any(not torch.equal(initial[k], final[k]) for k in final), f"{name}: the adapter did not train"
+        if name == "smora-eager":
+            continue
+        logits = _fresh_process_logits(tiny_model, out, tmp_path)
+        expected = _logits_of_state(tiny_model, out, out / "final_rank0.safetensors", logits["ids"])
+        torch.testing.assert_close(logits["adapted"], expected, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    compiled, eager = tmp_path / "smora", tmp_path / "smora-eager"
+    for row, ref in zip(_logged_steps(compiled), _logged_steps(eager)):
+        assert abs(row["loss"] - ref["loss"]) < 1e-4, (row, ref)
+    final_c, final_e = (load_file(str(p / "final_rank0.safetensors")) for p in (compiled, eager))
+    assert final_c.keys() == final_e.keys()
+    for key in final_e:
+        torch.testing.assert_close(final_c[key], final_e[key], **TOL, msg=lambda m: f"{key}: {m}")
