@@ -370,3 +370,22 @@ def test_llamafactory_run_exp_trains_every_method_compiled(tiny_model, tiny_data
     assert final_c.keys() == final_e.keys()
     for key in final_e:
         torch.testing.assert_close(final_c[key], final_e[key], **TOL, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+def test_bench_compiled_mode_reports_kernels_and_spread(tmp_path):
+    """``python -m llamafactory_moe.bench --tiny --compile``: every variant compiles (fullgraph) and gets generated
+    kernels, kernel functions, compile time and per-round times beside compiled LoRA."""
+    out = tmp_path / "compiled"
+    proc = subprocess.run([sys.executable, "-m", "llamafactory_moe.bench", "--tiny", "--compile", "--methods", "moelora",
+                           "--layer-reps", "2", "--compile-rounds", "2", "--out", str(out)],
+                          env=BASE_ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["errors"] == {}
+    for label in ("moelora", "lora-r32"):
+        entry = result["layers"][label]["64x64"]
+        assert entry["kernels"] > 0 and entry["kernel_functions"] > 0 and entry["compile_s"] > 0, entry
+        assert len(entry["compiled_s"]) == len(entry["eager_s"]) == 2
+    markdown = out.with_suffix(".md").read_text()
+    assert "| moelora | lora-r32 |" in markdown and "[" in markdown
