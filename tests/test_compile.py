@@ -29,6 +29,9 @@ The LLaMA-Factory tests (slow): one real ``llamafactory-cli train`` with ``torch
 other method batched in one interpreter (``tests/integrations/run_exp_many.py``: each run is LLaMA-Factory's
 ``run_exp``, what the CLI runs); 3 steps each; the saved adapter, loaded with ``PeftModel.from_pretrained`` in a fresh
 process, gives the logits of the trained adapter state (the probe's end-of-training snapshot) on the tiny model.
+
+Runtime on the 2-core CI machine, quiet: the whole file 252 s with a cold inductor cache (164 s warm); without the slow
+tests about 60 s. Under load from other jobs the non-slow part took up to 180 s.
 """
 
 from __future__ import annotations
