@@ -10,7 +10,8 @@ launches), peak training-step
 memory, and ``generate()`` tokens/s with the KV cache. Repetitions of different variants are interleaved.
 
 Modules: ``cases`` (the per-method benchmark configs and targets), ``measure`` (timers, op counter, memory),
-``workloads`` (models and the timed closures), ``runner`` (one run), ``report`` (ratios, markdown, JSON).
+``workloads`` (models and the timed closures), ``runner`` (one run), ``report`` (ratios, markdown, JSON),
+``compiled`` (``--compile``: layers under ``torch.compile`` beside compiled LoRA, generated kernels, compile time).
 """
 
 # peft first: importing it runs the project's import hook, which registers the methods, which import core. Importing

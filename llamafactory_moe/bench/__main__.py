@@ -26,6 +26,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default=None, help="write <OUT>.md and <OUT>.json")
+    p.add_argument("--compile", action="store_true", help="compiled mode (bench/compiled.py): each wrapped layer under "
+                                                          "torch.compile(fullgraph=True, inductor) beside compiled LoRA: "
+                                                          "fwd+bwd time, generated kernels, compile time")
+    p.add_argument("--compile-rounds", type=int, default=3, help="--compile: timing rounds (the spread is over rounds)")
+    p.add_argument("--compile-train", action="store_true", help="--compile: also the compiled whole-model train step")
+    p.add_argument("--compile-skip-layers", action="store_true", help="--compile: skip the single-layer part")
     return p.parse_args(argv)
 
 
@@ -42,8 +48,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    result = analyse(run(settings_from(args)))
     command = "python -m llamafactory_moe.bench " + shlex.join(argv)
+    if args.compile:
+        from .compiled import run_compiled, to_markdown_compiled
+
+        result = run_compiled(settings_from(args), rounds=args.compile_rounds, train=args.compile_train,
+                              shapes=() if args.compile_skip_layers else None)
+        result["command"] = command
+        markdown = to_markdown_compiled(result, header=f"## llamafactory-moe compiled benchmark\n\nCommand: `{command}`")
+        print(markdown)
+        if args.out:
+            write(result, markdown, args.out + ".md", args.out + ".json")
+        return 1 if result["errors"] else 0
+    result = analyse(run(settings_from(args)))
     result["command"] = command
     markdown = to_markdown(result, header=f"## llamafactory-moe benchmark\n\nCommand: `{command}`")
     print(markdown)

@@ -49,10 +49,28 @@ class AuxLossWindow:
         # (`pause_unless_counted`); `paused` is True during a layer forward that is not.
         self.grad_enabled = torch.is_grad_enabled()
         self.paused = False
-        # term -> list of (coef, value) with value a scalar tensor that keeps its graph
-        self.terms: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
-        # layer name -> list of detached routing summaries (see `record_routing`)
-        self.routing: dict[str, list[dict[str, torch.Tensor]]] = defaultdict(list)
+        # What layers record, in order: flat lists, appended to and never keyed inside a forward. Under torch.compile
+        # a layer forward may run inside non-reentrant checkpointing, which dynamo traces as a higher-order op; torch
+        # 2.14's dynamo mis-tracks a defaultdict filled from two such ops ("Argument ... does not belong to this
+        # Graph"), while a plain list works (tests/test_compile.py). `terms` / `routing` group them on reading.
+        self._term_records: list[tuple[str, float, torch.Tensor]] = []  # (term, coef, scalar tensor with its graph)
+        self._routing_records: list[tuple[str, dict[str, torch.Tensor]]] = []  # (layer name, detached summaries)
+
+    @property
+    def terms(self) -> dict[str, list[tuple[float, torch.Tensor]]]:
+        """term -> list of (coef, value), value a scalar tensor that keeps its graph, in recording order."""
+        grouped: dict[str, list[tuple[float, torch.Tensor]]] = defaultdict(list)
+        for term, coef, value in self._term_records:
+            grouped[term].append((coef, value))
+        return grouped
+
+    @property
+    def routing(self) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """layer name -> list of detached routing summaries (see `record_routing`), in recording order."""
+        grouped: dict[str, list[dict[str, torch.Tensor]]] = defaultdict(list)
+        for layer_name, summaries in self._routing_records:
+            grouped[layer_name].append(summaries)
+        return grouped
 
     def token_mask(self, num_tokens: int) -> Optional[torch.Tensor]:
         """Flattened bool mask of real (non-padding) tokens, or None when it does not describe these tokens."""
@@ -129,6 +147,14 @@ def is_open() -> bool:
 def _in_autograd_function_forward() -> bool:
     """Inside a custom ``torch.autograd.Function.forward`` (reentrant checkpointing's first pass): PyTorch turns off
     both backward and forward-mode AD there, whereas ``torch.no_grad()`` leaves forward-mode AD on."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace `_is_fwd_grad_enabled` (a graph break) nor guard on it. Compiled, the answer is False:
+        # dynamo traces checkpointing as a higher-order op that keeps gradients on (this rule is then not reached),
+        # so a compiled no-grad forward is a plain no_grad / inference_mode pass (KTO's KL batch). Reentrant
+        # checkpointing run eagerly around separately compiled layers is the one case answered wrong (its first pass
+        # would record nothing); LLaMA-Factory forces non-reentrant checkpointing, under which the terms it would
+        # have recorded had no graph anyway.
+        return False
     fwd_grad_enabled = getattr(torch._C, "_is_fwd_grad_enabled", None)
     return fwd_grad_enabled is not None and not fwd_grad_enabled() and not torch.is_inference_mode_enabled()
 
@@ -165,7 +191,7 @@ def recording() -> bool:
 def record(term: str, value: torch.Tensor, coef: float) -> None:
     """Record one layer's auxiliary term. A no-op unless ``recording()``."""
     if recording():
-        _window.terms[term].append((coef, value))
+        _window._term_records.append((term, coef, value))
 
 
 def token_mask(num_tokens: int) -> Optional[torch.Tensor]:
@@ -202,4 +228,4 @@ def wants_routing() -> bool:
 def record_routing(layer_name: str, **summaries: torch.Tensor) -> None:
     """Keep detached per-layer routing summaries (expert load, entropy ...) for logging and analysis."""
     if wants_routing():
-        _window.routing[layer_name].append({k: v.detach() for k, v in summaries.items()})
+        _window._routing_records.append((layer_name, {k: v.detach() for k, v in summaries.items()}))

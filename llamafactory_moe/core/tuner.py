@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import aux_loss
+from .compiling import configure_dynamo
 from .config import MoeLoraConfig
 from .gloo_exit import register_exit_guard
 from .layer import MoeLoraLayer
@@ -35,6 +36,7 @@ class MoeLoraTuner(BaseTuner):
             # A distributed run (DeepSpeed, torchrun, a user's own script): gloo's worker threads outlive
             # destroy_process_group() and can abort the process at exit; the guard waits for them (gloo_exit.py).
             register_exit_guard()
+        configure_dynamo()  # compiled checkpointing of our layers, as eager: see core/compiling.py
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _create_and_replace(self, config: MoeLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
