@@ -128,3 +128,26 @@ def test_multimodal_targets_come_from_patch_target_modules(tiny_model, tiny_data
     assert list(config.target_modules) == list(expected)
     assert expected and not any("visual" in name for name in expected)  # the vision tower is not wrapped
     assert sorted(expected) == ["language_model.layers.0.self_attn.q_proj", "language_model.layers.0.self_attn.qkv"]
+
+
+@pytest.mark.slow
+def test_cli_train_with_added_tokens_saves_the_trained_embeddings(tiny_model, tiny_data, tmp_path):
+    """`llamafactory-cli train` with `add_special_tokens` (LLaMA-Factory turns `resize_vocab` on): the checkpoint holds
+    the resized embeddings, and their trained rows differ from the base model's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_cli, train_args
+
+    out = tmp_path / "out"
+    proc = run_cli(["llamafactory-cli", "train"],
+                   train_args(tiny_model, tiny_data, str(out), add_special_tokens="<moe_new_a>", max_steps=2), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    for module, weight in (("embed_tokens", base.get_input_embeddings().weight),
+                           ("lm_head", base.get_output_embeddings().weight)):
+        key = next(k for k in saved if f"{module}.modules_to_save.weight" in k)
+        rows = weight.shape[0]
+        assert saved[key].shape[0] > rows  # resized
+        assert not torch.equal(saved[key][:rows].float(), weight.detach()), module  # and trained
