@@ -21,10 +21,9 @@ try:
 
     _autoload.install()
 except Exception as _exc:  # never break interpreter start-up
-    import sys as _sys
+    from .errors import warn as _warn
 
-    print(f"[WARNING] llamafactory-moe: import hooks not installed ({_exc!r}); stock behaviour unchanged.",
-          file=_sys.stderr)
+    _warn(f"import hooks not installed ({_exc!r}); stock behaviour unchanged.")
 
 
 def __getattr__(name: str):

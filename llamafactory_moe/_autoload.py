@@ -2,8 +2,8 @@
 
 This module runs at interpreter start (through ``llamafactory_moe_startup.pth``) in every Python process of the
 environment, including ``llamafactory-cli``, its ``torchrun`` children (which execute ``llamafactory/launcher.py`` as a
-script) and OpenCompass worker subprocesses. It therefore imports only the standard library and does nothing until one
-of the watched modules is imported.
+script) and OpenCompass worker subprocesses. It therefore imports only the standard library (and our ``errors``, which
+does the same) and does nothing until one of the watched modules is imported.
 
 Each watched module maps to a ``"package.module:function"`` that receives the freshly executed module. The function
 must never raise (``integrations.patching.apply_patch`` catches and warns per row, ``_run_hook`` below catches the
@@ -18,6 +18,8 @@ import importlib.abc
 import importlib.util
 import sys
 import threading
+
+from .errors import warn  # standard library only
 
 # module name -> "module:function" called with the module object once it has finished executing.
 WATCHED_MODULES: dict[str, str] = {
@@ -52,7 +54,7 @@ def _run_hook(module) -> None:
         func = getattr(importlib.import_module(module_name), func_name)
         func(module)
     except Exception as exc:  # never break the user's import
-        _warn_once(f"llamafactory-moe: could not run the import hook for `{name}` ({type(exc).__name__}: {exc}); "
+        _warn_once(f"could not run the import hook for `{name}` ({type(exc).__name__}: {exc}); "
                    "stock behaviour is unchanged.")
 
 
@@ -62,7 +64,7 @@ _warned: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        print(f"[WARNING] {message}", file=sys.stderr)
+        warn(message)
 
 
 class _HookedLoader(importlib.abc.Loader):

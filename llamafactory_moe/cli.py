@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .errors import MoeError
 
 
 def _sparkline(values: list[float]) -> str:
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     add_analyze_parser(sub)
     add_copy_configs_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MoeError as exc:  # a user mistake, for every command: one line, no traceback
+        print(f"llamafactory-moe {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

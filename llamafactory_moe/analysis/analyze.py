@@ -19,16 +19,17 @@ import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Optional
+
+from ..errors import MoeError
 
 TASK_COLUMNS = ("task", "domain", "category", "subject", "source")
 FIGURES = ("routing_heatmaps.png", "load_histograms.png", "expert_similarity.png", "layer_overview.png")
 
 
-class AnalyzeError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
+class AnalyzeError(MoeError):
+    """A user mistake: printed as one line, exit code 2 (``llamafactory-moe`` catches every ``MoeError``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,11 +410,7 @@ def add_parser(sub) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    try:
-        result = analyze(args)
-    except AnalyzeError as exc:
-        print(f"llamafactory-moe analyze: {exc}", file=sys.stderr)
-        return 2
+    result = analyze(args)  # AnalyzeError: printed as one line by `llamafactory-moe` (cli.main)
     out_dir = Path(args.output_dir or Path(args.adapter) / "analysis")
     summary = result["all_tasks"]["overall"]
     print(f"{result['method']}: {len(result['tasks'])} tasks, {len(result['layers'])} MoE layers, "

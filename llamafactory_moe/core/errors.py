@@ -1,15 +1,22 @@
-"""The one exception type for invalid user configuration.
+"""The exception type for invalid user configuration.
 
 It carries the field, the value and the constraint separately, so the LLaMA-Factory layer can re-word the field with
-its ``moe_`` spelling without parsing a message.
+its ``moe_`` spelling without parsing a message. Its base ``MoeError`` and the warning printer ``warn`` live in
+``llamafactory_moe/errors.py`` (standard library only, so the CLI and the start-up hooks import them without torch)
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import WARNING_PREFIX, MoeError, warn
 
-class MoeConfigError(ValueError):
+__all__ = ["WARNING_PREFIX", "MoeConfigError", "MoeError", "check_bool", "check_choice", "check_float", "check_int",
+           "warn"]
+
+
+class MoeConfigError(MoeError, ValueError):
     """A configuration value is invalid. Raised before any model weights are loaded."""
 
     def __init__(self, field: str, value: Any, constraint: str, fix: str = "", method: str | None = None):

@@ -91,6 +91,12 @@ BAD_CONFIGS = [
      "resume_from_checkpoint", "holds a `moelora` adapter but `finetuning_type` is `goat`"),
     ("resume-damaged-weights", dict(resume_from_checkpoint="{truncated_adapter}"), "resume_from_checkpoint",
      "adapter_model.safetensors"),
+    # -- backends whose own LoRA path ours replaces (refused before LLaMA-Factory asks for their packages) --
+    ("unsloth-conflict", dict(use_unsloth=True), "use_unsloth", "Unsloth builds its own plain-LoRA adapter"),
+    ("unsloth-gc-conflict", dict(use_unsloth_gc=True), "use_unsloth_gc", "checkpointing is reentrant"),
+    ("ktransformers-conflict", dict(use_kt=True), "use_kt", "KTransformers builds its own plain-LoRA adapter"),
+    ("unsloth-with-our-adapter", dict(finetuning_type="lora", use_unsloth=True,
+                                      adapter_name_or_path="{moelora_adapter}"), "use_unsloth", "for `moelora`"),
 ]
 
 

@@ -67,15 +67,16 @@ def test_patching_imports_nothing_of_ours():
     ours = [m for m in _imports(path) if m == "llamafactory_moe" or m.startswith("llamafactory_moe.")]
     relative = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
     assert not ours and not relative, (ours, relative)
-    # and at run time: only the package inits on the way are loaded (the startup .pth loads _autoload), nothing heavy
+    # and at run time: only the package inits on the way are loaded (the startup .pth loads _autoload, which loads the
+    # standard-library-only `errors` for its warning printer), nothing heavy
     script = ("import sys, llamafactory_moe.integrations.patching\n"
               "print(sorted(m for m in sys.modules if m.startswith('llamafactory_moe')))\n"
               "print(sorted(m for m in ('torch', 'transformers', 'peft', 'llamafactory') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr
     loaded, heavy = proc.stdout.splitlines()
-    assert eval(loaded) == ["llamafactory_moe", "llamafactory_moe._autoload", "llamafactory_moe.integrations",
-                            "llamafactory_moe.integrations.patching"], loaded
+    assert eval(loaded) == ["llamafactory_moe", "llamafactory_moe._autoload", "llamafactory_moe.errors",
+                            "llamafactory_moe.integrations", "llamafactory_moe.integrations.patching"], loaded
     assert eval(heavy) == [], heavy
 
 

@@ -51,9 +51,13 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
                                  "lists several adapters; a llamafactory-moe adapter must be loaded alone")
         _check_adapters_match(getattr(finetuning_args, "moe_method", None), paths, "adapter_name_or_path")
         saved = saved_adapter_shapes(paths[0], "adapter_name_or_path") if os.path.isdir(paths[0]) else None
+        # upstream's `init_kwargs` (_setup_lora_tuning); paths[0] already includes `adapter_folder` for a local dir
+        source = model_args.adapter_name_or_path[0]
+        init_kwargs = {"subfolder": model_args.adapter_folder, "offload_folder": model_args.offload_folder,
+                       "cache_dir": model_args.cache_dir, "revision": model_args.model_revision,
+                       "token": model_args.hf_hub_token}
         try:
-            model = PeftModel.from_pretrained(model, paths[0], is_trainable=is_trainable,
-                                              cache_dir=model_args.cache_dir, token=model_args.hf_hub_token)
+            model = PeftModel.from_pretrained(model, source, is_trainable=is_trainable, **init_kwargs)
         except RuntimeError as exc:  # torch's "size mismatch for ..." while loading: name the file and the key
             if saved is not None:
                 check_adapter_fits(model, paths[0], saved, "adapter_name_or_path")
@@ -66,14 +70,8 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
             model = model.merge_and_unload()
             logger.info_rank0("Merged the adapter into the base weights for export.")
     elif is_trainable:
-        config = finetuning_args.moe_peft_config
-        target_modules = list(finetuning_args.lora_target)
-        if len(target_modules) == 1 and target_modules[0] == "all":
-            from llamafactory.model.model_utils.misc import find_all_linear_modules
-
-            target_modules = find_all_linear_modules(model, finetuning_args.freeze_vision_tower)
-        config = type(config)(**{**config.to_dict(), "target_modules": target_modules,
-                                 "peft_type": None, "inference_mode": False})
+        config = _with_upstream_targets(finetuning_args.moe_peft_config, model, model_args, finetuning_args, logger)
+        target_modules = config.target_modules
         model = get_peft_model(model, config, autocast_adapter_dtype=cast_to_fp32)
         logger.info_rank0(f"Created a {config.method_name} adapter on {sorted(set(target_modules))}.")
     else:
@@ -85,6 +83,32 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
     if is_trainable and is_deepspeed_zero3_enabled():
         _mark_zero3_leaf_modules(model)
     return model
+
+
+def _with_upstream_targets(config, model, model_args, finetuning_args, logger):
+    """Our config with the modules upstream's ``_setup_lora_tuning`` would train: ``lora_target`` (``all`` expanded),
+    narrowed by ``patch_target_modules`` on multimodal bases (no vision tower unless asked), and with
+    ``resize_vocab`` the resized input/output embeddings as ``additional_target`` (``modules_to_save``).
+    ``use_llama_pro`` (``find_expanded_modules``) is refused while parsing, so it has no branch here."""
+    from llamafactory.model.model_utils.misc import find_all_linear_modules
+    from llamafactory.model.model_utils.visual import patch_target_modules
+
+    if len(finetuning_args.lora_target) == 1 and finetuning_args.lora_target[0] == "all":
+        target_modules = find_all_linear_modules(model, finetuning_args.freeze_vision_tower)
+    else:
+        target_modules = finetuning_args.lora_target
+    target_modules = list(patch_target_modules(model, finetuning_args, target_modules))
+
+    if model_args.resize_vocab and finetuning_args.additional_target is None:
+        embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+        module_names = {name.split(".")[-1] for name, module in model.named_modules()
+                        if any(module is e for e in embeddings)}
+        finetuning_args.additional_target = module_names
+        logger.warning_rank0("Vocab has been resized, add {} to trainable params.".format(",".join(module_names)))
+    modules_to_save = finetuning_args.additional_target
+    return type(config)(**{**config.to_dict(), "target_modules": target_modules, "peft_type": None,
+                           "inference_mode": False,
+                           "modules_to_save": sorted(modules_to_save) if modules_to_save else None})
 
 
 def _mark_zero3_leaf_modules(model) -> None:

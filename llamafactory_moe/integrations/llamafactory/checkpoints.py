@@ -36,7 +36,11 @@ def our_method_of(adapter_dir: str) -> Optional[str]:
 
 
 def _adapter_paths(model_args) -> list[str]:
-    return list(model_args.adapter_name_or_path or [])
+    """The adapter directories to inspect: with ``adapter_folder`` (upstream loads ``subfolder=adapter_folder``) a local
+    adapter lives in ``<path>/<adapter_folder>``."""
+    folder = getattr(model_args, "adapter_folder", None)
+    return [os.path.join(p, folder) if folder and os.path.isdir(os.path.join(p, folder)) else p
+            for p in (model_args.adapter_name_or_path or [])]
 
 
 def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> None:

@@ -102,8 +102,49 @@ def _reject_ignored_lora_keys(method: str, config, raw_args: dict) -> None:
                                  if replacements else "remove it")
 
 
+# ModelArguments switches that replace LLaMA-Factory's LoRA path (Unsloth / KTransformers build plain LoRA; our
+# adapter path ignores them) or that checkpoint reentrantly (Unsloth's gradient checkpointing), which drops in-layer
+# auxiliary-loss gradients like `use_reentrant_gc`.
+IGNORED_BACKENDS = {
+    "use_unsloth": "is not supported: Unsloth builds its own plain-LoRA adapter, so the experts would be ignored",
+    "use_unsloth_gc": "is not supported: Unsloth's gradient checkpointing is reentrant, which drops the gradient of "
+                      "in-layer auxiliary losses",
+    "use_kt": "is not supported: KTransformers builds its own plain-LoRA adapter, so the experts would be ignored",
+}
+
+
+def _raw_method(raw: dict) -> Optional[str]:
+    """Our method named by the raw arguments (`finetuning_type`, or an adapter of ours to load), or None."""
+    from ...core.peft_types import METHODS, register_all_methods
+
+    register_all_methods()
+    if str(raw.get("finetuning_type", "")).lower() in METHODS:
+        return str(raw["finetuning_type"]).lower()
+    paths = raw.get("adapter_name_or_path") or []
+    paths = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else list(paths)
+    folder = raw.get("adapter_folder")
+    for path in paths:
+        path = os.path.expanduser(str(path))
+        path = os.path.join(path, folder) if folder and os.path.isdir(os.path.join(path, folder)) else path
+        if os.path.isdir(path) and our_method_of(path):
+            return our_method_of(path)
+    return None
+
+
+def _refuse_ignored_backends(raw: dict, method: Optional[str] = None) -> None:
+    """Before LLaMA-Factory parses (it would first demand the Unsloth / KTransformers packages); again after parsing
+    with the parsed values (command-line arguments have no raw dict)."""
+    enabled = [key for key in IGNORED_BACKENDS if raw.get(key) in (True, "true", "True", 1)]
+    method = method or (_raw_method(raw) if enabled else None)
+    if enabled and method is not None:
+        raise MoeConfigError(enabled[0], raw[enabled[0]], IGNORED_BACKENDS[enabled[0]],
+                             "remove the key (llamafactory-moe loads and trains with transformers + peft)",
+                             method=method)
+
+
 def _wrap_parse_train_args(original, module):
     def _parse_train_args(args=None):
+        _refuse_ignored_backends(_raw_args(module, args))
         parsed = original(args)
         model_args, data_args, training_args, finetuning_args, _ = parsed
         _expand_user_paths(model_args)
@@ -113,9 +154,11 @@ def _wrap_parse_train_args(original, module):
             for path in _adapter_paths(model_args):
                 if os.path.isdir(path) and our_method_of(path):
                     _require_patches()
+                    _refuse_ignored_backends(vars(model_args), our_method_of(path))
                     _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), our_method_of(path))
             return parsed
         _require_patches()
+        _refuse_ignored_backends(vars(model_args), method)
         config = finetuning_args.moe_peft_config
         _reject_ignored_lora_keys(method, config, _raw_args(module, args))
         if model_args.moe_aux_loss_coef is not None:
@@ -167,6 +210,7 @@ def _force_non_reentrant_checkpointing(model_args, raw: dict, method: str) -> No
 
 def _wrap_parse_infer_args(original, module):
     def _parse_infer_args(args=None):
+        _refuse_ignored_backends(_raw_args(module, args))
         parsed = original(args)
         model_args, _data_args, finetuning_args, _ = parsed
         _expand_user_paths(model_args)
@@ -177,6 +221,7 @@ def _wrap_parse_infer_args(original, module):
             return parsed
         _require_patches()
         method = sorted(methods)[0]
+        _refuse_ignored_backends(vars(model_args), method)
         backend = str(getattr(model_args, "infer_backend", "huggingface")).lower()
         if backend not in ("huggingface", "hf", "inferbackend.huggingface"):
             raise MoeConfigError("infer_backend", model_args.infer_backend,
