@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import MoeError
 from ..project_files import project_folder
 
 TOP_LEVEL_KEYS = {
@@ -45,7 +46,7 @@ EVAL_KEYS = {
 RESERVED_TRAIN_KEYS = ("model_name_or_path", "template", "dataset", "dataset_dir", "output_dir", "finetuning_type")
 
 
-class PresetError(ValueError):
+class PresetError(MoeError, ValueError):
     """A preset that cannot run: the message names the key, the value and what is allowed."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import MoeError
 from .preset import (Preset, PresetError, Run, _fingerprint, eval_env, load_preset, resolve_dataset_dir,
                      resolve_model, train_config)
 from .report import _fmt, write_outputs
@@ -93,7 +94,7 @@ def read_summary(eval_dir: Path, column: str) -> tuple[dict[str, float | None], 
     return scores, average
 
 
-class StepFailed(RuntimeError):
+class StepFailed(MoeError, RuntimeError):
     def __init__(self, step: str, log: Path, detail: str):
         super().__init__(f"{step} failed: {detail} (log: {log})")
         self.step, self.log, self.detail = step, log, detail

@@ -43,7 +43,8 @@ def _resolve(module, path: str):
 
 
 def _warn(message: str) -> None:
-    print(f"[WARNING] llamafactory-moe: {message}", file=sys.stderr)
+    # The one prefix of llamafactory_moe/errors.py `warn`, written out: this engine imports nothing of ours.
+    print(f"llamafactory-moe: warning: {message}", file=sys.stderr)
 
 
 def apply_patch(row: Patch, module) -> bool:

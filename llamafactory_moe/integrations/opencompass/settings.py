@@ -9,9 +9,10 @@ returned is a plain dict or string, which mmengine can dump and reload.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Optional
+
+from ...errors import warn
 
 # dotted prefix for `type=` strings, e.g. 'llamafactory_moe.integrations.opencompass.X': the package, which
 # re-exports every class and function a config names
@@ -217,5 +218,5 @@ def _reader_cfg(settings: dict, input_columns: list[str], output_column: str) ->
 
 
 def _warn(message: str) -> None:
-    print(f"[llamafactory-moe] WARNING: {message}", file=sys.stderr, flush=True)
+    warn(message)
 
