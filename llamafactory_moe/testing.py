@@ -6,8 +6,8 @@
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained in memory on a fixed English text plus the
 project's demo data, and already contains every special token LLaMA-Factory's ``llama3`` template uses, so the template
-adds no token and the embedding never needs ``resize_vocab``
-(specs/llamafactory-integration.md §7). The model is a randomly initialised ``LlamaForCausalLM`` in fp32.
+adds no token and the embedding never needs ``resize_vocab``.
+The model is a randomly initialised ``LlamaForCausalLM`` in fp32.
 
 ``python -m llamafactory_moe.testing [OUT_DIR]`` builds into OUT_DIR (or the cache) and prints the path.
 """

@@ -13,7 +13,7 @@ threshold. Each wrapped linear gets E rank-r experts, a router W_g (E x in) and 
 With tau_max <= 1/E the largest p_e always clears the threshold (max p >= 1/E > tau). Since the aux loss is
 decreasing in tau (dL/dtau = -E * sum_e f_e < 0), it also pushes thresholds up, towards sparser activation.
 
-Reference code: zefang-liu/AdaMoLE@5e8599a7ad6f (specs/methods_d2mora_goat_adamole.md §3).
+Reference code: zefang-liu/AdaMoLE@5e8599a7ad6f.
 
 Deviations:
 - A token with no active expert (possible only when `max_threshold` > 1/E, which upstream does not guard) falls back

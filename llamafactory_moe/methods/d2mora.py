@@ -14,7 +14,7 @@ and two dense routers, R1 (M x in) over the A-experts and R2 (N x r) over the B-
 lambda is ``aux_loss_coef`` (1e-4, summed over layers, not averaged, as upstream). Omega is computed from the weights
 inside ``forward``, so it also works under DeepSpeed ZeRO-3, which materialises parameters only there.
 
-Reference code: iLearn-Lab/AAAI26-D2MoRA@c60b03f793eb (specs/methods_d2mora_goat_adamole.md §1).
+Reference code: iLearn-Lab/AAAI26-D2MoRA@c60b03f793eb.
 
 Deviations:
 - One dropout mask is shared by the A-experts by default (upstream draws one per expert, §1.11.6); set

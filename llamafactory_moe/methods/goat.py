@@ -14,7 +14,7 @@ Each wrapped linear W0 (out x in) gets E rank-r experts initialised from E segme
 The scale s is alpha / r (what the shipped scripts use) or the paper's gradient-alignment closed form
 s = sqrt(3 * eta * in / r) (`scaling_mode`).
 
-Reference code: Facico/GOAT-PEFT@ef4d21a41682 (specs/methods_d2mora_goat_adamole.md §2).
+Reference code: Facico/GOAT-PEFT@ef4d21a41682.
 
 Deviations:
 - W_res is applied in forward as ``base(x) - c*s*B0 (A0 x)`` from persistent buffers holding the initial segments

@@ -11,7 +11,7 @@ A is applied once per token and its code is shared by all heads (core.experts.ro
 Optional (off by default, as upstream, which ships an unused helper): a cv^2 importance-balance term over heads,
 ``L_aux = aux_loss_coef * cv^2(mean_tokens g(x))`` (Shazeer et al. 2017), padding excluded.
 
-Reference code: Clin0212/HydraLoRA@afb693bc1238 (specs/methods_d2mora_goat_adamole.md §4.2).
+Reference code: Clin0212/HydraLoRA@afb693bc1238.
 
 Deviations:
 - The number of heads is set by the user (`num_experts`); upstream can also pick it by k-means / DBSCAN on the data.

@@ -7,8 +7,8 @@ Each wrapped linear layer gets E LoRA experts (A_e: r x in, B_e: out x r) and a 
     y      = W0 x + (alpha / r) * sum_e w_e(x) * B_e A_e dropout(x)
     L_aux  = aux_loss_coef * E * sum_e f_e * P_e               (Switch load balancing, Fedus et al. 2021, Eq. 4)
 
-This is the token-level variant used as "MOELoRA" / "MixLoRA" in D2MoRA's and S'MoRE's comparison tables
-(specs/methods_d2mora_goat_adamole.md §4.1). The original MOELoRA (Liu et al. 2023) gates on a task embedding instead
+This is the token-level variant used as "MOELoRA" / "MixLoRA" in D2MoRA's and S'MoRE's comparison tables.
+The original MOELoRA (Liu et al. 2023) gates on a task embedding instead
 of the token; we route on the token so no task id is needed at inference.
 
 Deviations:

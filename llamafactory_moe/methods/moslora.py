@@ -9,7 +9,7 @@ of B A with each other instead of pairing them one to one:
 Init: A and W_m Kaiming-uniform(a=sqrt(5)), i.e. U(+-1/sqrt(in)) and U(+-1/sqrt(r)); B zeros (identity at init).
 There is no router and no auxiliary loss: the "mixture" is a dense learned mixer, not token routing.
 
-Reference code: wutaiqiang/MoSLoRA@bba79b549174 (specs/methods_d2mora_goat_adamole.md §4.3).
+Reference code: wutaiqiang/MoSLoRA@bba79b549174.
 
 Deviations: none from the spec.
 """

@@ -1,5 +1,5 @@
 """SMoRA: "Each Rank Could be an Expert: Single-Ranked Mixture of Experts LoRA for Multi-task Learning"
-(Zhao, Zhou et al., arXiv 2501.15103; https://arxiv.org/abs/2501.15103). Spec: specs/methods_smora_smore.md §A.
+(Zhao, Zhou et al., arXiv 2501.15103; https://arxiv.org/abs/2501.15103).
 
 One LoRA of rank r in which every rank-1 component B_{:,j} A_j is an expert. A sigmoid router scores the ranks, a
 per-rank bias b steers which k ranks a token uses, and the update is a k-sparse diagonal gate between B and A:

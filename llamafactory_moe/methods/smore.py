@@ -1,5 +1,5 @@
 """S'MoRE: "Structural Mixture of Residual Experts for Parameter-Efficient LLM Fine-tuning" (Zeng et al., NeurIPS 2025;
-https://arxiv.org/abs/2504.06426), Eq. 3-7, 10, 11. Spec: specs/methods_smora_smore.md §B.
+https://arxiv.org/abs/2504.06426), Eq. 3-7, 10, 11.
 
 Experts are low-rank residuals in L S'MoRE layers (index l = 0 is the bottom). Layer l has s_l experts of rank r_l;
 hidden dims d_0 = 0, d_{l+1} = d_l + s_l r_l (Eq. 4). Per wrapped Linear (in -> out):

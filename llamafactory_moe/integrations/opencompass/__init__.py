@@ -3,7 +3,7 @@
 The configs in ``eval_configs/`` stay thin and call the builders here; this package is also what OpenCompass worker
 processes import, so it is where our PEFT types get registered before ``PeftModel.from_pretrained`` runs.
 
-Two facts about OpenCompass 0.5.4 shape this package (specs/opencompass-integration.md §1.4, §4):
+Two facts about OpenCompass 0.5.4 shape this package:
 
 * A config's ``from x import y`` lines are *not executed* (mmengine parses them lazily and dumps only plain values),
   and a worker only imports what a dotted ``type=`` string names. So every class referenced from a config is named

@@ -19,7 +19,7 @@ from opencompass.registry import ICL_EVALUATORS, TEXT_POSTPROCESSORS
 def first_label_match(text: str, labels: list[str], ignore_case: bool = False) -> str:
     """The first occurrence of any label in ``text`` ('' if none), as the LLM-Adapters evaluation does.
 
-    specs/methods_d2mora_goat_adamole.md §1.7: the first regex match of the label vocabulary, lower-case labels, no
+    The first regex match of the label vocabulary, lower-case labels, no
     word boundaries, case-sensitive, no match counts as wrong. ``ignore_case`` is our opt-in for chat models that
     capitalise ("Answer1"); it is off by default so numbers stay comparable with the papers.
     """

@@ -26,14 +26,14 @@ COMMONSENSE_SOURCE = ("the LLM-Adapters test sets `dataset/<task>/test.json` "
                       "(https://github.com/AGI-Edgerunners/LLM-Adapters)")
 
 # LLaMA-Factory's `alpaca` template and the LLM-Adapters evaluation prompt render the same text (minus the 16-space
-# indentation artefact of LLM-Adapters, specs/methods_d2mora_goat_adamole.md §1.5), so one prompt serves adapters
+# indentation artefact of LLM-Adapters), so one prompt serves adapters
 # trained with either.
 ALPACA_PREFIX = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n")
 ALPACA_SUFFIX = "\n\n### Response:\n"
 
-# Commonsense tasks in the LLM-Adapters layout. `labels` is the regex vocabulary of the first-match extraction
-# (specs/methods_d2mora_goat_adamole.md §1.6-1.7); `ppl_labels` the candidates scored in PPL mode, which must be one
+# Commonsense tasks in the LLM-Adapters layout. `labels` is the regex vocabulary of the first-match extraction;
+# `ppl_labels` the candidates scored in PPL mode, which must be one
 # fixed list per task: ARC rows with 3 or 5 choices (7 of 1172 in ARC-c, 11 of 2376 in ARC-e) are scored against
 # answer1..answer4.
 COMMONSENSE_TASKS: dict[str, dict] = {
