@@ -40,10 +40,10 @@ def demo_config(model_dir: Path, method: str, output_dir: Path, max_steps: int |
     """The method's shipped CPU demo yaml, pointed at the prepared model, the packaged data and ``output_dir``."""
     import yaml
 
-    from .integrations.llamafactory import _packaged_data_dir
+    from .data import demo_data_dir
 
     config = yaml.safe_load(demo_config_path(method).read_text())
-    config.update(model_name_or_path=str(model_dir), dataset_dir=str(_packaged_data_dir()),
+    config.update(model_name_or_path=str(model_dir), dataset_dir=str(demo_data_dir()),
                   output_dir=str(output_dir), overwrite_output_dir=True, report_to="none")
     if max_steps is not None:
         config.update(max_steps=max_steps, save_steps=max_steps,

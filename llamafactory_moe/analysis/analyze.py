@@ -37,7 +37,7 @@ class AnalyzeError(MoeError):
 # ---------------------------------------------------------------------------------------------------------------------
 def check_adapter(adapter: str) -> str:
     """The adapter's method name, or a one-line error for a wrong path / a non-MoE adapter."""
-    from ..integrations.llamafactory import our_method_of, peft_type_of
+    from ..checkpoints import our_method_of, peft_type_of
 
     path = Path(adapter)
     if not path.is_dir():
@@ -325,9 +325,9 @@ def analyze(args: argparse.Namespace) -> dict:
     method = check_adapter(args.adapter)
     dataset_dir = Path(args.dataset_dir) if args.dataset_dir else None
     if dataset_dir is None:
-        from ..integrations.llamafactory import _packaged_data_dir
+        from ..data import demo_data_dir
 
-        dataset_dir = Path("data") if Path("data", "dataset_info.json").is_file() else _packaged_data_dir()
+        dataset_dir = Path("data") if Path("data", "dataset_info.json").is_file() else demo_data_dir()
     datasets = [name.strip() for name in args.dataset.split(",") if name.strip()]
     tasks, task_column = load_dataset_by_task(datasets, dataset_dir, args.task_column, args.max_samples)
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from llamafactory_moe.integrations.llamafactory import _packaged_data_dir
+from llamafactory_moe.data import demo_data_dir
 from tests.conftest import BASE_ENV, read_jsonl, run_cli, train_args
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def trained(tiny_model, tmp_path_factory):
     """4 HydraLoRA steps (a dense router: its load CV used to be 0 by construction), logging every 2 steps."""
     work = tmp_path_factory.mktemp("analyze")
     out = work / "out"
-    cfg = train_args(tiny_model, str(_packaged_data_dir()), str(out), finetuning_type="hydralora", moe_top_k=None,
+    cfg = train_args(tiny_model, str(demo_data_dir()), str(out), finetuning_type="hydralora", moe_top_k=None,
                      moe_num_experts=3, lora_rank=2, dataset="moe_demo", max_steps=4, logging_steps=2,
                      lora_target="q_proj,v_proj,down_proj")
     _assert_ok(run_cli(["llamafactory-cli", "train"], cfg, work))
@@ -73,7 +73,7 @@ def test_analyze_writes_figures_and_numbers_per_task(trained, tiny_model):
         assert (analysis / name).stat().st_size > 20_000, name  # a drawn figure, not an empty canvas
     result = json.loads((analysis / "analysis.json").read_text())
     assert result["method"] == "hydralora" and result["task_column"] == "task"
-    tasks = {row["task"] for row in json.loads((_packaged_data_dir() / "moe_demo.json").read_text())}
+    tasks = {row["task"] for row in json.loads((demo_data_dir() / "moe_demo.json").read_text())}
     assert set(result["tasks"]) == tasks
     assert len(result["layers"]) == 6
     for task in result["tasks"].values():

@@ -148,7 +148,7 @@ def test_no_import_cycle_among_integration_modules():
 
 
 def test_the_package_imports_in_a_fresh_interpreter_and_re_exports_what_others_import():
-    names = ["PATCHES", "on_module_imported", "watched_modules", "our_method_of", "peft_type_of", "_packaged_data_dir",
+    names = ["PATCHES", "on_module_imported", "watched_modules", "our_method_of", "peft_type_of",
              "_setup_moe_adapter", "_MoeLogAccumulator", "_wrap_compute_loss", "_wrap_log", "install_process_hooks",
              "MoeStepCallback", "saved_adapter_shapes", "check_adapter_fits"]
     script = f"from {INTEGRATION} import {', '.join(names)}\nprint(len(PATCHES))"

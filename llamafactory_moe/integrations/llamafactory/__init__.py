@@ -13,7 +13,6 @@ one file:
 ``trainer.py``         ``llamafactory.train.{sft,pt,dpo,kto,rm}.trainer``: ``compute_loss``, ``log``,
                        ``create_optimizer``
 ``process_hooks.py``   ``llamafactory.extras.logging`` (its handler) and ``sys.excepthook``; patches nothing
-``checkpoints.py``     adapter directories on disk (shared by ``hparams`` and ``adapter``)
 ``common.py``          ``VERIFIED`` and the refusal to run when a patch failed
 =====================  ==========================================================================================
 
@@ -42,15 +41,14 @@ from . import adapter, callbacks, hparams, ploting, trainer, tuner
 from .. import llamaboard  # LlamaBoard rows (integrations/llamaboard.py)
 from .adapter import _setup_moe_adapter
 from .callbacks import MoeStepCallback
-from .checkpoints import ADAPTER_WEIGHTS, check_adapter_fits, our_method_of, peft_type_of, saved_adapter_shapes
+from ...checkpoints import ADAPTER_WEIGHTS, check_adapter_fits, our_method_of, peft_type_of, saved_adapter_shapes
 from .common import VERIFIED
-from .hparams import _packaged_data_dir
 from .process_hooks import install_process_hooks
 from .trainer import ROUTING_LOG, ROUTING_METRICS, _MoeLogAccumulator, _wrap_compute_loss, _wrap_log
 
 __all__ = [
     "ADAPTER_WEIGHTS", "MoeStepCallback", "PATCHES", "ROUTING_LOG", "ROUTING_METRICS", "VERIFIED", "_MoeLogAccumulator",
-    "_packaged_data_dir", "_setup_moe_adapter", "_wrap_compute_loss", "_wrap_log", "check_adapter_fits",
+    "_setup_moe_adapter", "_wrap_compute_loss", "_wrap_log", "check_adapter_fits",
     "install_process_hooks", "on_module_imported", "our_method_of", "peft_type_of", "saved_adapter_shapes",
     "watched_modules",
 ]

@@ -9,7 +9,7 @@ import os
 
 from ...core.errors import MoeConfigError
 from ..patching import Patch
-from .checkpoints import (_adapter_paths, _check_adapters_match, check_adapter_fits, our_method_of,
+from ...checkpoints import (_adapter_paths, _check_adapters_match, check_adapter_fits, our_method_of,
                           saved_adapter_shapes)
 from .common import VERIFIED, _require_patches
 

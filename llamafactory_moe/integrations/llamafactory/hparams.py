@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Optional
 
+from ...checkpoints import _adapter_paths, _check_adapters_match, our_method_of
 from ...core.errors import MoeConfigError, check_float
+from ...data import demo_data_dir
 from ..patching import Patch
-from .checkpoints import _adapter_paths, _check_adapters_match, our_method_of
 from .common import VERIFIED, _require_patches
 
 
@@ -51,17 +51,13 @@ def _wrap_parse_args(original, module):
     return _parse_args
 
 
-def _packaged_data_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "data"  # llamafactory_moe/data
-
-
 def _maybe_use_packaged_data(data_args) -> None:
     """``dataset_dir: data`` (LLaMA-Factory's default) that does not define the requested datasets, all of which are
     our packaged demo sets (``moe_demo``): read them from the package. A ./data/dataset_info.json that defines any of
     them wins, so a user's own definitions are never overridden."""
     if data_args.dataset_dir != "data":
         return
-    info_path = _packaged_data_dir() / "dataset_info.json"
+    info_path = demo_data_dir() / "dataset_info.json"
     if not info_path.is_file():
         return
     known = set(json.loads(info_path.read_text()))
@@ -76,7 +72,7 @@ def _maybe_use_packaged_data(data_args) -> None:
                     return
         except (OSError, ValueError):
             return  # LLaMA-Factory reports the broken file itself
-    data_args.dataset_dir = str(_packaged_data_dir())
+    data_args.dataset_dir = str(demo_data_dir())
     if data_args.media_dir in (None, "data"):
         data_args.media_dir = data_args.dataset_dir
 

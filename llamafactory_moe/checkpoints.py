@@ -1,7 +1,7 @@
 """Adapter directories on disk: which method saved them, and whether their weights are intact and fit the model.
 
-Mirrors no single LLaMA-Factory module: used by ``hparams`` (checks before the model loads) and ``adapter``
-(checks while loading), and by ``analysis`` / the CLI through the package.
+Independent of LLaMA-Factory: used by its integration (``integrations/llamafactory/hparams.py`` checks before the model
+loads, ``adapter.py`` while loading) and by ``analysis`` without importing that integration.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from ...core.errors import MoeConfigError
+from .core.errors import MoeConfigError
 
 
 def peft_type_of(adapter_dir: str) -> Optional[str]:
@@ -28,7 +28,7 @@ def peft_type_of(adapter_dir: str) -> Optional[str]:
 
 
 def our_method_of(adapter_dir: str) -> Optional[str]:
-    from ...core.peft_types import METHODS, register_all_methods
+    from .core.peft_types import METHODS, register_all_methods
 
     register_all_methods()
     peft_type = peft_type_of(adapter_dir)
