@@ -97,6 +97,16 @@ def write_readme(readme: str = "README.md") -> None:
     path.write_text(new)
 
 
+def add_parser(sub) -> None:
+    parser = sub.add_parser("keys", help="print every yaml key llamafactory-moe reads (markdown table, from the code)")
+    parser.set_defaults(func=run)
+
+
+def run(_args) -> int:
+    print(markdown(), end="")
+    return 0
+
+
 if __name__ == "__main__":
     import sys
 

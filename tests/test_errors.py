@@ -18,7 +18,9 @@ def test_cli_prints_a_moe_error_as_one_line_for_any_command(monkeypatch, capsys)
     def fail(_args):
         raise MoeConfigError("moe_top_k", 3, "must be <= `moe_num_experts` (2)")
 
-    monkeypatch.setattr(cli, "run_keys", fail)
+    from llamafactory_moe import key_table
+
+    monkeypatch.setattr(key_table, "run", fail)
     assert cli.main(["keys"]) == 2
     assert capsys.readouterr().err == "llamafactory-moe keys: `moe_top_k` (3) must be <= `moe_num_experts` (2)\n"
 

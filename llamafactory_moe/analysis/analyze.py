@@ -406,10 +406,10 @@ def add_parser(sub) -> None:
                                                        "(default: a spread over depth)")
     parser.add_argument("--max-layers", type=int, default=8, help="layers drawn in the per-layer figures (default 8)")
     parser.add_argument("--output-dir", default=None, help="default: <adapter>/analysis")
-    parser.set_defaults(func=run_analyze)
+    parser.set_defaults(func=run)
 
 
-def run_analyze(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     result = analyze(args)  # AnalyzeError: printed as one line by `llamafactory-moe` (cli.main)
     out_dir = Path(args.output_dir or Path(args.adapter) / "analysis")
     summary = result["all_tasks"]["overall"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 from .preset import (EVAL_KEYS, REQUIRED_KEYS, RESERVED_TRAIN_KEYS, TOP_LEVEL_KEYS, Preset, PresetError, Run, eval_env,
                      load_preset, resolve_dataset_dir, resolve_model, train_config)
 from .report import build_table, markdown_table, plot_curves, read_curves, skipped_tasks, write_outputs
-from .runner import (DONE_FILE, StepFailed, evaluate_run, main_from_args, read_summary, run_compare, train_run,
+from .runner import (DONE_FILE, StepFailed, add_parser, evaluate_run, read_summary, run_compare, train_run,
                      trainable_parameters)
 
 __all__ = ["Preset", "PresetError", "load_preset", "run_compare", "trainable_parameters"]

@@ -264,13 +264,24 @@ def run_compare(preset: Preset, out_dir: Path, *, only: list[str] | None = None,
     return 0
 
 
-def main_from_args(args) -> int:
-    try:
-        preset = load_preset(args.preset)
-        out_dir = Path(args.output_dir or preset.output_dir or Path("saves") / "compare" / preset.path.stem)
-        only = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
-        return run_compare(preset, out_dir, only=only, fail_fast=args.fail_fast,
-                           overlap_eval=getattr(args, "overlap_eval", False))
-    except PresetError as exc:
-        print(f"llamafactory-moe compare: {exc}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    """``llamafactory-moe compare``; a bad preset raises ``PresetError``, printed as one line by the CLI."""
+    preset = load_preset(args.preset)
+    out_dir = Path(args.output_dir or preset.output_dir or Path("saves") / "compare" / preset.path.stem)
+    only = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
+    return run_compare(preset, out_dir, only=only, fail_fast=args.fail_fast,
+                       overlap_eval=getattr(args, "overlap_eval", False))
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("compare", help="train several methods on the same data with llamafactory-cli, evaluate "
+                                            "each with OpenCompass, write one table and a loss plot (resumable)")
+    parser.add_argument("preset", help="preset yaml, e.g. configs/compare/tiny.yaml (format: configs/compare/README.md)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where runs and results go (default: the preset's output_dir, else saves/compare/<preset>)")
+    parser.add_argument("--runs", default=None, help="comma-separated subset of the preset's run names")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
+    parser.add_argument("--overlap-eval", action="store_true",
+                        help="evaluate each run while the next one trains (faster for tiny models; on real models "
+                             "both compete for the same cores)")
+    parser.set_defaults(func=run)
