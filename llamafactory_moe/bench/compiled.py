@@ -101,12 +101,11 @@ def run_compiled(settings, rounds: int = 3, shapes: Optional[tuple] = None, trai
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    from ..core.peft_types import register_all_methods
-    from ..methods import IMPLEMENTED
+    from ..core.peft_types import METHODS, register_all_methods
     from .runner import lora_label, machine_info
 
     register_all_methods()
-    methods = list(settings.methods) if settings.methods else list(IMPLEMENTED)
+    methods = list(settings.methods) if settings.methods else list(METHODS)
     cases, missing = cases_for(methods)
     if shapes is None:
         shapes = ((settings.layer_dim, settings.layer_dim),) if settings.tiny else SMOLLM2_SHAPES
