@@ -73,9 +73,10 @@ def _setup(method: str, kwargs: dict, model):
 
     config = METHODS[method].config_cls(**kwargs)
     finetuning_args = SimpleNamespace(moe_method=method, moe_peft_config=config, lora_target=list(TARGETS),
-                                      pure_bf16=False, use_badam=False, freeze_vision_tower=True)
+                                      pure_bf16=False, use_badam=False, freeze_vision_tower=True,
+                                      additional_target=None)
     model_args = SimpleNamespace(quantization_bit=8, adapter_name_or_path=None, cache_dir=None, hf_hub_token=None,
-                                 export_dir=None)
+                                 export_dir=None, resize_vocab=False)
     return _setup_moe_adapter(model, model_args, finetuning_args, True, [])
 
 
