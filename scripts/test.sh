@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the whole test-suite (CPU, offline; ~25 min on 2 cores) in the active virtualenv (or ./.venv).
+# Install, then run the whole test-suite (CPU, offline; ~30 min on 2 cores) in the active virtualenv (or ./.venv).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,8 @@
 """``llamafactory-moe analyze``: run a trained adapter over a LLaMA-Factory dataset and draw what its routers do.
 
+(Slightly over ~400 lines: the command, its data loading and its four figures belong together; the statistics it
+draws live in ``analysis/statistics.py``.)
+
 Per task (the dataset's task/domain column, else one group per dataset name) every MoE layer's routing summaries are
 collected with the same ``record_routing`` path the training logs use, turned into statistics by
 ``analysis.statistics`` and written as ``analysis.json`` plus four PNGs:

@@ -1,6 +1,9 @@
 """S'MoRE: "Structural Mixture of Residual Experts for Parameter-Efficient LLM Fine-tuning" (Zeng et al., NeurIPS 2025;
 https://arxiv.org/abs/2504.06426), Eq. 3-7, 10, 11.
 
+One file over ~400 lines on purpose: the paper's hierarchy (tree router, per-layer experts, bottom-up aggregation,
+two gate types) reads top to bottom here, like every other method file; its shared parts already live in ``core/``.
+
 Experts are low-rank residuals in L S'MoRE layers (index l = 0 is the bottom). Layer l has s_l experts of rank r_l;
 hidden dims d_0 = 0, d_{l+1} = d_l + s_l r_l (Eq. 4). Per wrapped Linear (in -> out):
 
