@@ -69,7 +69,7 @@ def _run_plan(plan_path: str) -> None:
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
-    from llamafactory_moe.core import aux_loss
+    from llamafactory_moe.core import loss_window
 
     class Snapshots(TrainerCallback):
         def __init__(self, output_dir: str):
@@ -87,7 +87,7 @@ def _run_plan(plan_path: str) -> None:
     # run. Freezing what exists now makes those collections cheap without changing what they free.
     gc.freeze()
     patched = sft_trainer.CustomSeq2SeqTrainer.compute_loss  # already wrapped by our compute_loss patch
-    original_total = aux_loss.AuxLossWindow.weighted_total
+    original_total = loss_window.LossWindow.weighted_total
     plan = json.loads(Path(plan_path).read_text())
     for args in plan["runs"]:
         args = dict(args)
@@ -112,7 +112,7 @@ def _run_plan(plan_path: str) -> None:
             else:
                 result = patched(self, model, inputs, *a, **kw)
             # The padding mask the layers' aux terms (and SMoRA's counts) used: it outlives the window.
-            mask = aux_loss.token_mask(int(inputs["attention_mask"].numel()))
+            mask = loss_window.batch_token_mask(int(inputs["attention_mask"].numel()))
             _calls[-1]["layers_saw_mask"] = mask is not None and int(mask.sum()) == _calls[-1]["real_tokens"]
             return result
 
@@ -123,12 +123,12 @@ def _run_plan(plan_path: str) -> None:
             return total if total is None or _factor == 1.0 else total * _factor  # wrong scaling when != 1
 
         sft_trainer.CustomSeq2SeqTrainer.compute_loss = compute_loss
-        aux_loss.AuxLossWindow.weighted_total = weighted_total
+        loss_window.LossWindow.weighted_total = weighted_total
         try:
             run_exp(args=args, callbacks=[Snapshots(args["output_dir"])])
         finally:
             sft_trainer.CustomSeq2SeqTrainer.compute_loss = patched
-            aux_loss.AuxLossWindow.weighted_total = original_total
+            loss_window.LossWindow.weighted_total = original_total
         (Path(args["output_dir"]) / "calls.json").write_text(json.dumps(calls))
 
 

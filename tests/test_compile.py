@@ -5,14 +5,14 @@ Layer tests (a ``Linear(24, 20)`` wrapped by peft, adapters randomised so nothin
 ``tests/method_cases.py`` with ``fullgraph=True`` (any graph break raises) in three modes, each over three token counts
 (10, 14 and 12 tokens, the token dimensions marked dynamic):
 
-* **train**: an aux-loss window open with routing statistics collected (``aux_loss.collect(collect_routing=True)``),
+* **train**: an aux-loss window open with routing statistics collected (``loss_window.collect(collect_routing=True)``),
   forward + aux + backward, then the once-per-step update (SMoRA's bias, ``core/step_hooks.py``) and an SGD step, so the
   next step runs with the updated bias and weights;
 * **checkpoint**: the same under non-reentrant ``torch.utils.checkpoint`` (what LLaMA-Factory forces); dynamo traces it
   as a higher-order op, which needs ``core/compiling.py``'s setting (applied by our tuner);
 * **eval**: ``model.eval()`` under ``no_grad``;
 * **no_grad_in_window**: a training window open with gradients and the layer run under ``no_grad`` (KTO's KL pass):
-  ``aux_loss.pause_unless_counted`` (which reads ``torch._C._is_fwd_grad_enabled`` and the grad mode) pauses the
+  ``loss_window.pause_unless_counted`` (which reads ``torch._C._is_fwd_grad_enabled`` and the grad mode) pauses the
   window, so nothing is recorded and SMoRA counts nothing, compiled as in eager.
 
 Each mode compiles exactly one graph (``CompileCounterWithBackend``: one frame across the three token counts), and the
@@ -49,7 +49,7 @@ from peft import get_peft_model
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils.checkpoint import checkpoint
 
-from llamafactory_moe.core import aux_loss
+from llamafactory_moe.core import loss_window
 from llamafactory_moe.core.layer import MoeLoraLayer
 from llamafactory_moe.core.peft_types import METHODS, register_all_methods
 from llamafactory_moe.core.step_hooks import apply_optimizer_step_updates
@@ -140,9 +140,9 @@ def _step(model, fn, mode, shape, step, dynamic):
         model.eval()
         with torch.no_grad():
             return {"out": fn(model, x)}
-    if mode == "no_grad_in_window":  # KTO's KL pass: `aux_loss.pause_unless_counted` pauses the training window
+    if mode == "no_grad_in_window":  # KTO's KL pass: `loss_window.pause_unless_counted` pauses the training window
         model.train()
-        with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+        with loss_window.collect(token_mask=mask, collect_routing=True) as window:
             with torch.no_grad():
                 out = fn(model, x)
         layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer)]
@@ -154,7 +154,7 @@ def _step(model, fn, mode, shape, step, dynamic):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
-    with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+    with loss_window.collect(token_mask=mask, collect_routing=True) as window:
         out = fn(model, x)
     aux = window.weighted_total()
     loss = (out * weights).sum() + (aux if aux is not None else 0.0)
@@ -237,7 +237,7 @@ def _model_loss(model, ids, mask):
 def test_checkpointed_tiny_llama_compiles_fullgraph_and_matches_eager(case_id, method, kwargs, lf_keys):
     """What LLaMA-Factory trains: a whole model with non-reentrant gradient checkpointing (transformers' own), aux
     window open, two decoder layers (two checkpoint regions appending to one window: what needed the flat record lists
-    of ``core/aux_loss.py``); compiled with fullgraph=True it equals eager (loss, aux, every adapter gradient) at two
+    of ``core/loss_window.py``); compiled with fullgraph=True it equals eager (loss, aux, every adapter gradient) at two
     sequence lengths. (Recompilation is checked at layer level: transformers' mask and rotary code specialise on the
     sequence length here, which is not ours.)"""
     targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -261,7 +261,7 @@ def test_checkpointed_tiny_llama_compiles_fullgraph_and_matches_eager(case_id, m
                     torch._dynamo.mark_dynamic(t, 1)
             model.zero_grad(set_to_none=True)
             torch.manual_seed(5)
-            with aux_loss.collect(token_mask=mask) as window:
+            with loss_window.collect(token_mask=mask) as window:
                 lm = fn(model, ids, mask)
             aux = window.weighted_total()
             (lm + aux if aux is not None else lm).backward()

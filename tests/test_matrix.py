@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llamafactory_moe.core import aux_loss
+from llamafactory_moe.core import loss_window
 from llamafactory_moe.core.layer import MoeLoraLayer
 from llamafactory_moe.core.peft_types import METHODS, register_all_methods
 from tests.method_cases import METHOD_CASES
@@ -116,7 +116,7 @@ def test_train_step_updates_only_adapter_parameters(case_id, method, kwargs, lf_
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     ids, mask = batch()
     for _ in range(2):  # B=0 at init: the first step moves B, the second moves everything upstream of it
-        with aux_loss.collect(token_mask=mask) as window:
+        with loss_window.collect(token_mask=mask) as window:
             loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
         total = window.weighted_total()
         (loss if total is None else loss + total).backward()
@@ -159,7 +159,7 @@ def _training_gradients(model, ids, mask, with_aux: bool = True):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # noisy gates draw the same noise in every model compared
     try:
-        with aux_loss.collect(token_mask=mask) as window:
+        with loss_window.collect(token_mask=mask) as window:
             lm = model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss
         aux = window.weighted_total()
         (lm + aux if with_aux and aux is not None else lm).backward()
@@ -181,7 +181,7 @@ def _assert_zero_gradients_are_structural(model, grads, ids, mask) -> None:
 
     def objective():
         torch.manual_seed(0)
-        with torch.no_grad(), aux_loss.collect(token_mask=mask) as window:
+        with torch.no_grad(), loss_window.collect(token_mask=mask) as window:
             lm = model(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss
         aux = window.weighted_total()
         return lm if aux is None else lm + aux

@@ -4,7 +4,7 @@
 draws live in ``analysis/statistics.py``.)
 
 Per task (the dataset's task/domain column, else one group per dataset name) every MoE layer's routing summaries are
-collected with the same ``record_routing`` path the training logs use, turned into statistics by
+collected with the same ``MoeLoraLayer.record_routing`` path the training logs use, turned into statistics by
 ``analysis.statistics`` and written as ``analysis.json`` plus four PNGs:
 
 * ``routing_heatmaps.png``: per layer, task x expert load (fraction of tokens; of gate mass for dense routers),
@@ -157,7 +157,7 @@ def collect_routing(model, tasks: dict[str, list[list[dict]]], encode) -> dict[s
     """Task -> layer name -> summed routing summary, one sample per forward (no padding)."""
     import torch
 
-    from ..core import aux_loss
+    from ..core import loss_window
     from .statistics import accumulate
 
     device = next(model.parameters()).device
@@ -166,7 +166,7 @@ def collect_routing(model, tasks: dict[str, list[list[dict]]], encode) -> dict[s
         per_layer = out.setdefault(task, {})
         for messages in samples:
             ids = torch.tensor([encode(messages)], device=device)
-            with torch.no_grad(), aux_loss.collect(collect_routing=True) as window:
+            with torch.no_grad(), loss_window.collect(collect_routing=True) as window:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
             for layer_name, records in window.routing.items():
                 for record in records:

@@ -1,7 +1,8 @@
 """Routing statistics from per-layer routing summaries: one implementation for training logs and ``analyze``.
 
-A layer's summary is what ``core.routing.record_routing`` hands to the aux-loss window, summed over the forwards of a
-logging window (or of one task in ``llamafactory-moe analyze``); padding tokens are never counted:
+A layer's summary is what ``MoeLoraLayer.record_routing`` hands to the loss window (``core.routing.routing_summary``),
+summed over the forwards of a logging window (or of one task in ``llamafactory-moe analyze``); padding tokens are never
+counted:
 
 * ``tokens``: ``()`` number of real tokens,
 * ``load``: ``(E,)`` tokens that selected each expert,

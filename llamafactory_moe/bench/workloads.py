@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..core import aux_loss
+from ..core import loss_window
 from ..core.step_hooks import apply_optimizer_step_updates
 from .cases import BenchCase
 
@@ -118,7 +118,7 @@ def train_variant(model: nn.Module, batch: dict[str, torch.Tensor], lr: float = 
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with aux_loss.collect(token_mask=batch["attention_mask"]) as window:
+        with loss_window.collect(token_mask=batch["attention_mask"]) as window:
             out = model(**batch)
             loss = out.loss
             aux = window.weighted_total()
@@ -165,7 +165,7 @@ def layer_fwd_bwd(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor,
         for p in params:
             p.grad = None
         x.grad = None
-        with aux_loss.collect(token_mask=token_mask) as window:
+        with loss_window.collect(token_mask=token_mask) as window:
             out = model(x)
             aux = window.weighted_total()
         if aux is None:

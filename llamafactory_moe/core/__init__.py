@@ -1,5 +1,5 @@
 """What every method shares: config/layer/tuner bases, routers and balance losses, batched expert kernels, PeftType
-registration and the aux-loss collector. Nothing here imports ``methods/`` or ``integrations/``."""
+registration and the loss window. Nothing here imports ``methods/`` or ``integrations/``."""
 
 from .config import SHARED_FIELD_TO_LF_KEY, Example, MoeLoraConfig
 from .errors import MoeConfigError

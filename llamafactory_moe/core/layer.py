@@ -7,7 +7,8 @@ and the routing-statistics hook. A method subclass declares its parameter contai
 * ``create_adapter(adapter_name, config)`` — create the parameters (one shape comment each),
 * ``reset_adapter(adapter_name, config)`` — initialise them (under ``torch.no_grad()``),
 * ``adapter_delta(adapter_name, x)`` — the paper's update for flattened ``x: (N, in_features)``, returning
-  ``(N, out_features)``; it records its auxiliary terms with ``self.record_aux``. A method whose update ends in a GEMM
+  ``(N, out_features)``; it records its auxiliary terms with ``self.record_aux`` and its routing with
+  ``self.record_routing`` (or lets ``self.switch_route`` do both). A method whose update ends in a GEMM
   sets ``fuses_residual = True`` and takes ``residual`` (the base output, ``(N, out_features)``, or None): it returns
   ``residual + update`` with the add inside that GEMM (``core.experts.up_projection``).
 """
@@ -21,8 +22,9 @@ import torch.nn as nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 
-from . import aux_loss
+from . import loss_window
 from .config import MoeLoraConfig
+from .routing import routing_summary, softmax_top_k, switch_balance_loss
 
 
 class MoeLoraLayer(nn.Module, BaseTunerLayer):
@@ -99,8 +101,8 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         result_dtype = result.dtype
         first_container = getattr(self, self.adapter_layer_names[0])
         # The one place that decides whether this forward records aux terms, routing statistics and step statistics:
-        # not when it is a no-grad pass inside a training step (KTO's KL batch); see `aux_loss.pause_unless_counted`.
-        paused = aux_loss.pause_unless_counted()
+        # not when it is a no-grad pass inside a training step (KTO's KL batch); see `loss_window.pause_unless_counted`.
+        paused = loss_window.pause_unless_counted()
         try:
             for adapter_name in self.active_adapters:
                 if adapter_name not in first_container:
@@ -114,7 +116,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
                     delta = self.adapter_delta(adapter_name, x_flat)
                     result = result + delta.reshape(result.shape).to(result_dtype)
         finally:
-            aux_loss.resume(paused)
+            loss_window.resume(paused)
         return result
 
     def adapter_dtype(self, adapter_name: str) -> torch.dtype:
@@ -123,29 +125,64 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
             return next(container.parameters()).dtype
         return container.dtype
 
-    # -- helpers for method files ------------------------------------------------------------------------------------
+    # -- helpers for method files: the only way a method reaches the loss window (core/loss_window.py) -------------
     def records_training_statistics(self) -> bool:
         """Whether this forward's aux terms and per-step statistics (SMoRA's counts) are kept: in training mode, inside
-        the trainer's loss window, in a forward that is part of the loss (``aux_loss.recording()``: not a no-grad pass
-        such as KTO's KL batch, which ``forward`` pauses the window for; not a checkpoint recomputation). Decides only
-        what is recorded, never what is computed, so a non-reentrant recomputation repeats the original forward's ops
-        exactly."""
-        return self.training and aux_loss.recording()
+        the trainer's loss window, in a forward that is part of the loss (``loss_window.recording()``: not a no-grad
+        pass such as KTO's KL batch, which ``forward`` pauses the window for; not a checkpoint recomputation). Decides
+        only what is recorded, never what is computed, so a non-reentrant recomputation repeats the original forward's
+        ops exactly."""
+        return self.training and loss_window.recording()
 
     def record_aux(self, term: str, value: torch.Tensor, coef: float) -> None:
         """Record an auxiliary loss term; only while ``records_training_statistics()``."""
         if self.records_training_statistics():
-            aux_loss.record(term, value, coef)
+            loss_window.record_term(term, value, coef)
 
     def wants_routing_statistics(self) -> bool:
         """Whether router probabilities and selection masks are needed: for balance losses (training) or for routing
         logs. Generation needs neither and skips their kernels. (Recomputation under gradient checkpointing runs in
         training mode, so it repeats the original forward's differentiable ops exactly.)"""
-        return self.training or aux_loss.wants_routing()
+        return self.training or loss_window.wants_routing()
+
+    def records_routing(self) -> bool:
+        """Whether this forward's routing summaries are wanted (logging steps, ``analyze``): guard summary-only work."""
+        return loss_window.wants_routing()
+
+    def record_routing(self, routing_weights: torch.Tensor, selected: Optional[torch.Tensor],
+                       token_mask: Optional[torch.Tensor]) -> None:
+        """Hand this layer's per-expert load statistics (``core.routing.routing_summary``) to the loss window when they
+        are wanted. Cheap enough to leave on: it computes only on logging steps. ``selected`` None: dense routing."""
+        if loss_window.wants_routing():
+            loss_window.record_routing_summary(self.moe_layer_name or self.__class__.__name__,
+                                               routing_summary(routing_weights, selected, token_mask))
 
     def token_mask(self, num_tokens: int) -> Optional[torch.Tensor]:
         """Bool ``(N,)`` mask of non-padding tokens for the current training batch, or None."""
-        return aux_loss.token_mask(num_tokens) if self.training else None
+        return loss_window.batch_token_mask(num_tokens) if self.training else None
+
+    def token_weights(self, token_mask: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` weights (N = ``like.shape[0]``, its dtype and device) whose dot product with per-token values is
+        their mean over real tokens: ``1/n_real`` for a real token, 0 for padding (``token_mask`` None: ``1/N``). The
+        batch mask's weights are computed once per batch and shared by every layer."""
+        return loss_window.token_weights(token_mask, like.shape[0], like.dtype, like.device)
+
+    def switch_route(self, router_logits: torch.Tensor, top_k: Optional[int], aux_loss_coef: float) -> torch.Tensor:
+        """Switch / Mixtral routing of ``(N, E)`` router logits: softmax, keep the top-k, renormalise (``top_k`` None or
+        ``E``: soft routing). In training it records the Switch balance loss weighted by ``aux_loss_coef`` (skipped with
+        soft routing, where it is the constant E); it records the routing summaries when they are wanted. Returns the
+        dense ``(N, E)`` float32 routing weights. (The balance loss is computed whenever the layer is in training mode,
+        not only while a window records: checkpoint recomputation, which runs without a window, must repeat the
+        original forward's ops.)"""
+        num_tokens, num_experts = router_logits.shape
+        routing_weights, router_probs, selected = softmax_top_k(
+            router_logits, top_k, statistics=self.wants_routing_statistics())
+        token_mask = self.token_mask(num_tokens)
+        if self.training and top_k is not None and top_k < num_experts:
+            balance = switch_balance_loss(router_probs, selected, self.token_weights(token_mask, router_probs))
+            self.record_aux("balance_loss", balance, aux_loss_coef)
+        self.record_routing(routing_weights, selected, token_mask)
+        return routing_weights
 
     # -- once-per-optimizer-step updates (SMoRA's loss-free balancing) -------------------------------------------------
     def step_statistics(self) -> list[torch.Tensor]:

@@ -5,6 +5,10 @@ float32: a bf16 softmax over experts loses the small differences routing depends
 ``[N, E]`` gate actually applied (zero for experts a token does not use) and ``selected`` the mask of used experts
 (bool or float 0/1). Sparse top-k is represented densely so the expert kernels need no gather/scatter and no Python
 loop.
+
+Pure: nothing here reads or writes state. Means over the batch's real tokens take ``token_weights`` — ``(N,)``, 1/n_real
+for a real token and 0 for padding — which the layer hands in (``MoeLoraLayer.token_weights``, cached per batch by the
+loss window); what a layer records goes through the layer's helpers (``record_aux``, ``record_routing``).
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from . import aux_loss
 
 
 def top_k_keep_bias(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -86,25 +88,23 @@ def sum_normalize(values: torch.Tensor) -> torch.Tensor:
     return _SumNormalize.apply(values)
 
 
-def masked_mean(values: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over the token axis (dim 0) of ``values`` counting only real tokens."""
-    if token_mask is None:
+def masked_mean(values: torch.Tensor, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the token axis (dim 0) of ``values`` counting only real tokens (``token_weights`` None: every token)."""
+    if token_weights is None:
         return values.mean(dim=0)
-    weights = aux_loss.token_weights(token_mask, values.shape[0], values.dtype, values.device)  # 1/n_real or 0
-    return torch.mv(values.reshape(values.shape[0], -1).t(), weights).reshape(values.shape[1:])
+    return torch.mv(values.reshape(values.shape[0], -1).t(), token_weights).reshape(values.shape[1:])
 
 
 def switch_balance_loss(router_probs: torch.Tensor, selected: torch.Tensor,
-                        token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        token_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, Eq. 4-6): ``E * sum_e f_e * P_e``.
 
     ``f_e`` is the fraction of tokens routed to expert ``e`` (summing to ``top_k``), ``P_e`` the mean router
-    probability. Padding tokens are excluded. Equals ``top_k`` at perfect balance.
+    probability. Padding tokens (weight 0) are excluded. Equals ``top_k`` at perfect balance.
     """
     num_tokens, num_experts = router_probs.shape
-    # Both token means are one matrix-vector product with the per-token weights 1/n_real (0 for padding), which every
-    # layer of a batch shares (cached by the aux-loss window).
-    weights = aux_loss.token_weights(token_mask, num_tokens, router_probs.dtype, router_probs.device)
+    # Both token means are one matrix-vector product with the per-token weights, which every layer of a batch shares.
+    weights = token_weights if token_weights is not None else router_probs.new_full((num_tokens,), 1.0 / num_tokens)
     # E rides on the routed fraction, which has no gradient: no multiply kernel in the backward.
     fraction_routed = torch.mv(selected.to(router_probs.dtype).t(), weights) * num_experts  # (E,)
     mean_prob = torch.mv(router_probs.t(), weights)  # (E,)
@@ -118,27 +118,25 @@ def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return values.float().var() / (values.float().mean() ** 2 + eps)
 
 
-def record_routing(layer, routing_weights: torch.Tensor, selected: Optional[torch.Tensor],
-                   token_mask: Optional[torch.Tensor]) -> None:
-    """Hand per-expert load statistics of one layer to the aux-loss window (only when statistics are requested).
+@torch.no_grad()
+def routing_summary(routing_weights: torch.Tensor, selected: Optional[torch.Tensor],
+                    token_mask: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert load statistics of one layer forward, detached: ``tokens`` (real tokens), ``load`` (tokens routed to
+    each expert), ``mass`` (summed gate) and ``entropy_sum`` (summed per-token routing entropy, nats).
 
-    Cheap enough to leave on: it runs only on logging steps, reduces ``(N, E)`` to a few ``(E,)`` vectors with
-    matrix-vector products (padding weighted 0: no boolean indexing, so no host sync). ``selected`` None means every
-    expert takes every token (dense routing). The summaries are defined in ``analysis.statistics``.
+    Reduces ``(N, E)`` to a few ``(E,)`` vectors with matrix-vector products (padding weighted 0: no boolean indexing,
+    so no host sync). ``selected`` None means every expert takes every token (dense routing). ``analysis.statistics``
+    turns summed summaries into the logged statistics.
     """
-    if not aux_loss.wants_routing():
-        return
-    with torch.no_grad():
-        weights = routing_weights.float()  # (N, E)
-        probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # (N,) nats
-        token_weights = (torch.ones(weights.shape[0], dtype=weights.dtype, device=weights.device)
-                         if token_mask is None else token_mask.to(weights.dtype))  # (N,) 1 real, 0 padding
-        tokens = token_weights.sum()
-        aux_loss.record_routing(
-            getattr(layer, "moe_layer_name", layer.__class__.__name__),
-            tokens=tokens,
-            load=tokens.expand(weights.shape[1]).clone() if selected is None else token_weights @ selected.float(),
-            mass=token_weights @ weights,
-            entropy_sum=token_weights @ entropy,
-        )
+    weights = routing_weights.float()  # (N, E)
+    probs = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # (N,) nats
+    token_weights = (torch.ones(weights.shape[0], dtype=weights.dtype, device=weights.device)
+                     if token_mask is None else token_mask.to(weights.dtype))  # (N,) 1 real, 0 padding
+    tokens = token_weights.sum()
+    return {
+        "tokens": tokens,
+        "load": tokens.expand(weights.shape[1]).clone() if selected is None else token_weights @ selected.float(),
+        "mass": token_weights @ weights,
+        "entropy_sum": token_weights @ entropy,
+    }

@@ -18,7 +18,7 @@ import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from . import aux_loss
+from . import loss_window
 from .compiling import configure_dynamo
 from .config import MoeLoraConfig
 from .gloo_exit import register_exit_guard
@@ -71,7 +71,7 @@ class MoeLoraTuner(BaseTuner):
 
     def aux_loss_window(self, token_mask: Optional[torch.Tensor] = None):
         """For plain-PEFT training loops: ``with model.aux_loss_window(mask) as w: loss = ...; loss += w.weighted_total()``."""
-        return aux_loss.collect(token_mask=token_mask)
+        return loss_window.collect(token_mask=token_mask)
 
     def moe_layers(self) -> list[MoeLoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, MoeLoraLayer)]

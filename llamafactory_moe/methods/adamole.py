@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_float
 from ..core.experts import paired_experts
-from ..core.routing import record_routing, sum_normalize, switch_balance_loss
+from ..core.routing import sum_normalize, switch_balance_loss
 
 
 @dataclass
@@ -153,11 +153,11 @@ class AdaMoLELayer(MoeLoraLayer):
                                                                config.effective_max_threshold,
                                                                statistics=self.wants_routing_statistics())
         token_mask = self.token_mask(x.shape[0])
-        if self.training:  # record_aux keeps it only in training (not conditioned on the window: see core.aux_loss)
+        if self.training:  # record_aux keeps it only in training (not conditioned on the window: see core.loss_window)
             # E * sum_e f_e * mean(a_e): Switch's form with the adapted scores in place of the probabilities.
-            balance = switch_balance_loss(adapted, selected, token_mask)
+            balance = switch_balance_loss(adapted, selected, self.token_weights(token_mask, adapted))
             self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
-        record_routing(self, routing_weights, selected, token_mask)
+        self.record_routing(routing_weights, selected, token_mask)
         return paired_experts(self.moe_dropout[adapter_name](x), self.adamole_A[adapter_name],
                               self.adamole_B[adapter_name], routing_weights, config.expert_rank, config.scaling,
                               residual)

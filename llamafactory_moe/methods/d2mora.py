@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from ..core import Example, MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool, check_int
 from ..core.experts import mixed_down_projection, routed_up_projection
-from ..core.routing import record_routing
 
 COSINE_EPS = 1e-6  # added to each Frobenius norm, as upstream
 
@@ -156,7 +155,7 @@ class D2MoRALayer(MoeLoraLayer):
         # Router 2 in float32 on the mixed code h (not detached); dense softmax over the N up-experts.
         router_logits_up = F.linear(h.float(), self.d2mora_router_up[adapter_name].float())  # (N_tok, N)
         weights_up = torch.softmax(router_logits_up, dim=-1)
-        record_routing(self, weights_up, None, token_mask)  # dense: every expert selected
+        self.record_routing(weights_up, None, token_mask)  # dense: every expert selected
 
         coef = config.effective_aux_loss_coef
         if self.training and coef > 0:

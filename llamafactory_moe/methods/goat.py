@@ -52,7 +52,6 @@ from peft.utils.integrations import gather_params_ctx
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool, check_choice, check_float
 from ..core.experts import paired_experts
-from ..core.routing import record_routing, softmax_top_k, switch_balance_loss
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +217,8 @@ class GoatLayer(MoeLoraLayer):
         scaling = config.layer_scaling(self.in_features)
         # Router in float32: a bf16 softmax over experts loses the small differences top-k depends on.
         router_logits = F.linear(x.float(), self.goat_router[adapter_name].float())  # (N, E)
-        routing_weights, router_probs, selected = softmax_top_k(
-            router_logits, config.top_k, statistics=self.wants_routing_statistics())
-        token_mask = self.token_mask(x.shape[0])
-        # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
-        # recomputation runs without). With all experts active the Switch loss is the constant E: skip it.
-        if self.training and config.top_k is not None and config.top_k < config.num_experts:
-            balance = switch_balance_loss(router_probs, selected, token_mask)
-            self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
-        record_routing(self, routing_weights, selected, token_mask)
+        # softmax, top-k, renormalise; the Switch balance loss in training (core.layer.MoeLoraLayer.switch_route)
+        routing_weights = self.switch_route(router_logits, config.top_k, config.effective_aux_loss_coef)
         experts = paired_experts(self.moe_dropout[adapter_name](x), self.goat_A[adapter_name],
                                  self.goat_B[adapter_name], routing_weights, config.expert_rank, scaling, residual)
         # W_res x - W0 x = -c * s * B0 (A0 x): the base path sees the input without dropout.

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..core import Example, MoeConfigError, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import check_bool
 from ..core.experts import routed_up_projection
-from ..core.routing import cv_squared, masked_mean, record_routing
+from ..core.routing import cv_squared, masked_mean
 
 
 @dataclass
@@ -102,9 +102,10 @@ class HydraLoRALayer(MoeLoraLayer):
         routing_weights = torch.softmax(router_logits, dim=-1)
         token_mask = self.token_mask(x.shape[0])
         if self.training and config.head_balance_loss:  # record_aux keeps it only in training
-            importance = masked_mean(routing_weights, token_mask)  # (N,)
+            weights = None if token_mask is None else self.token_weights(token_mask, routing_weights)
+            importance = masked_mean(routing_weights, weights)  # (N,)
             self.record_aux("balance_loss", cv_squared(importance), config.effective_aux_loss_coef)
-        record_routing(self, routing_weights, None, token_mask)  # dense: every head selected
+        self.record_routing(routing_weights, None, token_mask)  # dense: every head selected
         code = F.linear(self.moe_dropout[adapter_name](x), self.hydralora_A[adapter_name])  # (N_tok, r), once
         return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights, config.scaling, residual)
 

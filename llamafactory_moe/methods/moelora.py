@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.experts import paired_experts
-from ..core.routing import record_routing, softmax_top_k, switch_balance_loss
 
 
 @dataclass
@@ -79,16 +78,8 @@ class MoELoRALayer(MoeLoraLayer):
                       ) -> torch.Tensor:
         config: MoELoRAConfig = self.moe_config[adapter_name]
         router_logits = F.linear(x, self.moelora_router[adapter_name])  # (N, E)
-        routing_weights, router_probs, selected = softmax_top_k(
-            router_logits, config.top_k, statistics=self.wants_routing_statistics())
-        token_mask = self.token_mask(x.shape[0])
-        # Only in training (record_aux drops it otherwise; not conditioned on the aux window, which checkpoint
-        # recomputation runs without). With soft routing every expert gets every token, so the Switch loss is the
-        # constant E: skip it.
-        if self.training and config.top_k is not None and config.top_k < config.num_experts:
-            balance = switch_balance_loss(router_probs, selected, token_mask)
-            self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
-        record_routing(self, routing_weights, selected, token_mask)
+        # softmax, top-k, renormalise; the Switch balance loss in training (core.layer.MoeLoraLayer.switch_route)
+        routing_weights = self.switch_route(router_logits, config.top_k, config.effective_aux_loss_coef)
         x = self.moe_dropout[adapter_name](x)
         return paired_experts(x, self.moelora_A[adapter_name], self.moelora_B[adapter_name], routing_weights,
                               config.expert_rank, config.scaling, residual)

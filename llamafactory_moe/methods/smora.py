@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import MoeConfigError, check_bool, check_float, check_int
 from ..core.experts import paired_experts
-from ..core.routing import record_routing, top_k_keep_bias
+from ..core.routing import top_k_keep_bias
 
 GATE_EPS = 1e-6  # keeps the gate normaliser away from 0 when biased scores cancel (gate_uses_bias=True)
 
@@ -216,7 +216,7 @@ class SMoRALayer(MoeLoraLayer):
         token_mask = self.token_mask(x.shape[0])
         if config.bias_update_rate > 0 and self.records_training_statistics():
             self._count_ranks(adapter_name, selected, token_mask)
-        record_routing(self, gates, selected, token_mask)
+        self.record_routing(gates, selected, token_mask)
         # r experts of rank 1: (x~ A^T) * g_hat, then B^T — H = x~ A^T is (N, r), the gate zeroes the unselected
         # ranks. (alpha / k) * B diag(k g_hat) A x~ = alpha * B diag(g_hat) A x~: one scale, applied once.
         return paired_experts(x, self.smora_A[adapter_name], self.smora_B[adapter_name], gates, 1,

@@ -24,7 +24,7 @@ the only Python loops run over the L S'MoRE layers.
 Reference code: ZimpleX/SMoRE-LLM@3d293498 (peft/src/peft/tuners/hier_moe, model_moe/src/model_moe/moe).
 
 Deviations (spec §B.13):
-* The layer returns a tensor and records its balance losses in the aux-loss window: no modeling-file patches, any
+* The layer returns a tensor and records its balance losses in the loss window: no modeling-file patches, any
   causal LM, attention projections targetable. Shipped: structured outputs and swapped LLaMA/Gemma-2 model classes.
 * Padding is masked with the trainer's token mask, never the attention mask, and balance losses are computed in
   training only, so batched KV-cache generation works for every gate and eval loss has no balance term (shipped: sparse
@@ -51,10 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
+from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
 from ..core.experts import gather_experts
-from ..core.routing import cv_squared, record_routing, switch_balance_loss
+from ..core.routing import cv_squared, switch_balance_loss
 
 GATE_TYPES = ("switch", "noisy_topk", "dense")
 GATE_ARCHS = ("mlp", "linear")
@@ -463,7 +463,7 @@ class SMoRELayer(MoeLoraLayer):
             out_weight, out_bias = router[f"mlp_out_{level}"], router[f"mlp_out_bias_{level}"]
         # Router logits and probabilities in float32: bf16 loses the small differences routing depends on.
         # One mask entry per (token, path); with one path (the top layer) it is the batch's own mask, whose token
-        # weights the aux-loss window caches.
+        # weights the loss window caches.
         mask = token_mask if token_mask is None or query.paths == 1 else \
             token_mask.unsqueeze(1).expand(-1, query.paths).reshape(-1)
         if config.gate_type == "noisy_topk":  # gate_arch is "mlp" (validated)
@@ -499,14 +499,15 @@ class SMoRELayer(MoeLoraLayer):
                 if self.training:
                     # Float 0/1 directly: the balance loss takes the routed fraction as a matrix-vector product.
                     chosen = torch.zeros_like(probs).scatter_(-1, index, 1.0)
-                    balance = switch_balance_loss(probs.flatten(0, 1), chosen.flatten(0, 1), mask)
+                    probs_flat = probs.flatten(0, 1)
+                    balance = switch_balance_loss(probs_flat, chosen.flatten(0, 1), self.token_weights(mask, probs_flat))
                     self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
-        if level == config.num_layers - 1 and aux_loss.wants_routing():  # token-level statistics: the top layer
+        if level == config.num_layers - 1 and self.records_routing():  # token-level statistics: the top layer
             with torch.no_grad():  # logging only: no graph, so checkpoint recomputation (window closed) matches
                 top = index[:, 0]  # (N, f): P = 1 path per token at the top
                 weights = alpha.new_zeros(top.shape[0], num_experts).scatter(-1, top, alpha[:, 0])
                 chosen = torch.zeros_like(weights, dtype=torch.bool).scatter(-1, top, True)
-                record_routing(self, weights, chosen, token_mask)
+                self.record_routing(weights, chosen, token_mask)
         # The selected keys feed the gates of the layer below; the bottom layer has none.
         return index, alpha, (keys[index] if level > 0 else None)
 

@@ -12,8 +12,8 @@ from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401
 from llamafactory_moe.analysis import statistics as S
-from llamafactory_moe.core import METHODS, MoeLoraLayer, aux_loss
-from llamafactory_moe.core.routing import record_routing, softmax_top_k
+from llamafactory_moe.core import METHODS, MoeLoraLayer, loss_window
+from llamafactory_moe.core.routing import softmax_top_k
 from tests.method_cases import METHOD_CASES
 from tests.methods.common import tiny_llama
 
@@ -24,9 +24,9 @@ def _record(batches) -> dict[str, torch.Tensor]:
     """Record each (routing_weights, selected, mask) batch through the training path and sum the summaries."""
     acc: dict[str, torch.Tensor] = {}
     for weights, selected, mask in batches:
-        with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
-            flat_mask = None if mask is None else aux_loss.token_mask(weights.shape[0])
-            record_routing(LAYER, weights, selected, flat_mask)
+        with loss_window.collect(token_mask=mask, collect_routing=True) as window:
+            flat_mask = None if mask is None else loss_window.batch_token_mask(weights.shape[0])
+            MoeLoraLayer.record_routing(LAYER, weights, selected, flat_mask)  # what every layer calls
         (summary,) = window.routing["layer"]
         S.accumulate(acc, summary)
     return acc
@@ -144,7 +144,7 @@ def test_expert_weight_vectors_have_one_row_per_routed_expert(case_id, method, k
     model = get_peft_model(tiny_llama(), config_cls(target_modules=["q_proj", "v_proj"], init_weights=False, **kwargs))
     model.train()
     ids = torch.randint(0, 128, (2, 5))
-    with aux_loss.collect(token_mask=torch.ones_like(ids), collect_routing=True) as window:
+    with loss_window.collect(token_mask=torch.ones_like(ids), collect_routing=True) as window:
         model(ids)
     layers = [m for m in model.modules() if isinstance(m, MoeLoraLayer)]
     vectors = S.model_expert_vectors(model)

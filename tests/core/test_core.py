@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamafactory_moe.core import aux_loss, experts, routing
+from llamafactory_moe.core import loss_window, experts, routing
 from llamafactory_moe.core.peft_types import extend_peft_type
 
 CORE_DIR = Path(__file__).resolve().parents[2] / "llamafactory_moe" / "core"
@@ -70,9 +70,10 @@ def test_switch_balance_loss_hand_case_and_padding():
     # all tokens: f = (2/3, 1/3), P = (1.4/3, 1.6/3); loss = 2 * (f . P)
     expected = 2 * ((2 / 3) * (1.4 / 3) + (1 / 3) * (1.6 / 3))
     assert math.isclose(float(routing.switch_balance_loss(probs, selected)), expected, rel_tol=1e-6)
-    mask = torch.tensor([True, True, False])  # third token is padding
+    token_weights = torch.tensor([0.5, 0.5, 0.0])  # third token is padding: mean over the two real tokens
     expected_masked = 2 * (1.0 * 0.65 + 0.0 * 0.35)
-    assert math.isclose(float(routing.switch_balance_loss(probs, selected, mask)), expected_masked, rel_tol=1e-6)
+    assert math.isclose(float(routing.switch_balance_loss(probs, selected, token_weights)), expected_masked,
+                        rel_tol=1e-6)
 
 
 def test_cv_squared_uses_unbiased_variance():
@@ -117,20 +118,20 @@ def test_peft_type_extension_is_idempotent_and_behaves_like_a_member():
 
 def test_aux_loss_window_records_only_while_open_and_rejects_nesting():
     value = torch.tensor(2.0, requires_grad=True)
-    aux_loss.record("x", value, 1.0)  # closed: ignored
+    loss_window.record_term("x", value, 1.0)  # closed: ignored
     mask = torch.tensor([[1, 1, 0]])
-    with aux_loss.collect(token_mask=mask) as window:
-        aux_loss.record("balance_loss", value, 0.5)
-        aux_loss.record("balance_loss", value, 0.5)
-        assert aux_loss.token_mask(3).tolist() == [True, True, False]
-        assert aux_loss.token_mask(4) is None  # does not describe these tokens
+    with loss_window.collect(token_mask=mask) as window:
+        loss_window.record_term("balance_loss", value, 0.5)
+        loss_window.record_term("balance_loss", value, 0.5)
+        assert loss_window.batch_token_mask(3).tolist() == [True, True, False]
+        assert loss_window.batch_token_mask(4) is None  # does not describe these tokens
         with pytest.raises(RuntimeError):
-            with aux_loss.collect():
+            with loss_window.collect():
                 pass
     assert window.detached_terms() == {"balance_loss": 2.0}
     window.weighted_total().backward()
     assert float(value.grad) == 1.0
-    assert not aux_loss.is_open()
+    assert loss_window.current() is None
 
 
 @pytest.mark.parametrize("prefix, names, buffers, field, words", [
@@ -165,6 +166,32 @@ def test_core_imports_no_method_or_integration():
                 for alias in node.names:
                     assert "llamafactory_moe.methods" not in alias.name, path.name
                     assert "llamafactory_moe.integrations" not in alias.name, path.name
+
+
+def _imported_names(path) -> set[str]:
+    """Every module and name a file imports (``from ..core import loss_window`` gives ``..core`` and ``loss_window``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or ""))
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_the_loss_window_has_one_door():
+    """Methods reach the loss window only through MoeLoraLayer's helpers, and the routing math is pure: neither the
+    method files nor core/routing.py import the window (which the layer, the tuner and the code that opens windows do)."""
+    method_files = sorted((CORE_DIR.parent / "methods").glob("*.py"))
+    assert len(method_files) >= 9, method_files  # __init__ + 8 methods: the glob really found them
+    for path in [*method_files, CORE_DIR / "routing.py"]:
+        assert not any("loss_window" in name or "aux_loss" in name for name in _imported_names(path)), path.name
+    routing_imports = _imported_names(CORE_DIR / "routing.py")
+    assert not any(name.startswith(".") or name.startswith("llamafactory_moe") for name in routing_imports), \
+        routing_imports
+    # and the door is used: the layer imports it (the check above is not vacuous)
+    assert "loss_window" in _imported_names(CORE_DIR / "layer.py")
 
 
 @pytest.mark.parametrize("first_import", [

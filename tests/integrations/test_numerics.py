@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamafactory_moe.core import aux_loss
+from llamafactory_moe.core import loss_window
 from llamafactory_moe.core.layer import MoeLoraLayer
 from tests.conftest import BASE_ENV, read_jsonl, train_args
 from tests.method_cases import METHOD_CASES
@@ -70,7 +70,7 @@ def _forward_backward(layer, x, precision: str):
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
     autocast = torch.autocast("cpu", dtype=torch.float16, enabled=precision == "fp16")
-    with autocast, aux_loss.collect(token_mask=mask) as window:
+    with autocast, loss_window.collect(token_mask=mask) as window:
         y = layer(x)
         total = window.weighted_total()
     loss = y.float().pow(2).mean() * 1e-8 + (total.float() if total is not None else 0.0)

@@ -310,7 +310,7 @@ def test_kto_logs_the_aux_loss_of_the_policy_pass_only(stage_runs, tiny_model):
     the KL batch under `torch.no_grad()`. The logged step-1 `moe_aux_loss` must be the aux total of the target pass
     alone, recomputed here with a plain training forward of the initial adapter on the captured target batch, and
     not that plus the KL pass's (what was logged and added to the loss before the fix)."""
-    from llamafactory_moe.core import aux_loss
+    from llamafactory_moe.core import loss_window
 
     checked = 0
     for (case_id, stage), run in stage_runs.runs.items():
@@ -321,7 +321,7 @@ def test_kto_logs_the_aux_loss_of_the_policy_pass_only(stage_runs, tiny_model):
         model = _rebuild(tiny_model, out)
         totals = []
         for call in (target, kl):
-            with aux_loss.collect(token_mask=call["attention_mask"]) as window:
+            with loss_window.collect(token_mask=call["attention_mask"]) as window:
                 logits = model(input_ids=call["input_ids"], attention_mask=call["attention_mask"]).logits
             totals.append(float(window.weighted_total().detach()))
             # the rebuilt policy is the run's: same logits as the trainer's call
@@ -365,9 +365,9 @@ def test_reference_pass_of_real_dpo_and_kto_runs_is_the_base_model(stage_runs, t
 def _forward_records(model, ids, mask, grad_mode, window_grad: bool = True):
     """One forward of `model` inside an aux-loss window (routing statistics requested) under `grad_mode`: the aux
     terms, the layer names with routing statistics and the logits it left behind."""
-    from llamafactory_moe.core import aux_loss
+    from llamafactory_moe.core import loss_window
 
-    with torch.set_grad_enabled(window_grad), aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+    with torch.set_grad_enabled(window_grad), loss_window.collect(token_mask=mask, collect_routing=True) as window:
         torch.manual_seed(0)  # the same noise for a noisy gate in every call
         with grad_mode:
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -381,7 +381,7 @@ def _smora_counts(layers) -> list[float]:
 
 @pytest.mark.parametrize("case_id, method", CASES)
 def test_no_grad_forward_of_a_training_model_records_nothing(case_id, method):
-    """The rule every method goes through (`aux_loss.recording()`): inside a training window, a forward under
+    """The rule every method goes through (`loss_window.recording()`): inside a training window, a forward under
     `torch.no_grad()` or `torch.inference_mode()` (KTO's KL pass) records no aux term, no routing statistics and no
     SMoRA count; the same forward with gradients records all of them; the outputs are the same either way. A window
     opened under no_grad in eval mode (`llamafactory-moe analyze`) still gets the routing statistics."""

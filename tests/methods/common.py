@@ -73,7 +73,7 @@ def count_train_ops(config, batch: tuple[int, int] = (3, 5), features: int = 64)
     expert counts: a Python loop over experts would make them grow."""
     from peft import get_peft_model
 
-    from llamafactory_moe.core import aux_loss
+    from llamafactory_moe.core import loss_window
     from llamafactory_moe.core.step_hooks import apply_optimizer_step_updates
 
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def count_train_ops(config, batch: tuple[int, int] = (3, 5), features: int = 64)
     mask[-1, batch[1] // 2:] = 0
     model.train()
     with OpCounter() as counter:
-        with aux_loss.collect(token_mask=mask) as window:
+        with loss_window.collect(token_mask=mask) as window:
             out = model(x)
         aux = window.weighted_total()
         (out.sum() + (aux if aux is not None else 0)).backward()

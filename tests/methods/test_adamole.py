@@ -7,7 +7,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.adamole import AdaMoLEConfig, AdaMoLELayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -64,7 +64,7 @@ def reference(layer: AdaMoLELayer, config: AdaMoLEConfig, x: torch.Tensor, mask:
 
 def run_layer(layer, x, mask):
     layer.train()
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x)
     (coef, balance), = window.terms["balance_loss"]
     return out, balance, coef

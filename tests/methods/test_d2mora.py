@@ -8,7 +8,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.d2mora import D2MoRAConfig, D2MoRALayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -122,7 +122,7 @@ def test_output_gradients_and_diversity_match_reference(kwargs):
     params = [x] + [getattr(layer, name)["default"] for name in PARAM_NAMES]
 
     layer.train()
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x)
     (coef, diversity), = window.terms["diversity_loss"]
     assert coef == config.effective_aux_loss_coef == kwargs.get("aux_loss_coef", 1e-4)
@@ -149,7 +149,7 @@ def test_diversity_is_summed_over_layers_and_ignores_padding():
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 2:] = 0
     peft_model.train()
-    with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+    with loss_window.collect(token_mask=mask, collect_routing=True) as window:
         peft_model(ids, attention_mask=mask)
     expected = sum(reference_diversity(layer, config) for layer in layers).detach()
     assert len(window.terms["diversity_loss"]) == 6
@@ -164,7 +164,7 @@ def test_b_term_and_its_gradient_are_zero_at_init():
     _, layer = make_layer(num_down_experts=3, num_experts=3, expert_rank=2)
     assert torch.count_nonzero(layer.d2mora_B["default"]) == 0
     layer.train()
-    with aux_loss.collect() as window:
+    with loss_window.collect() as window:
         layer(torch.randn(4, IN))
     (_, diversity), = window.terms["diversity_loss"]
     A = layer.d2mora_A["default"]
@@ -179,12 +179,12 @@ def test_b_term_and_its_gradient_are_zero_at_init():
 def test_no_diversity_term_in_eval_or_with_zero_coefficient():
     _, layer = make_layer(init_weights=False)
     layer.eval()
-    with aux_loss.collect() as window:
+    with loss_window.collect() as window:
         layer(torch.randn(4, IN))
     assert window.terms == {}
     _, layer = make_layer(init_weights=False, aux_loss_coef=0.0)
     layer.train()
-    with aux_loss.collect() as window:
+    with loss_window.collect() as window:
         layer(torch.randn(4, IN))
     assert window.terms == {}
 
@@ -252,7 +252,7 @@ def test_bf16_forward_and_backward_are_finite():
                                                     init_weights=False, expert_dropout=0.1, per_expert_dropout=True))
     peft_model.train()
     ids = torch.randint(0, 128, (2, 6))
-    with aux_loss.collect() as window:
+    with loss_window.collect() as window:
         out = peft_model(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     (out.loss + window.weighted_total()).backward()

@@ -13,7 +13,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.goat import GoatConfig, GoatLayer, svd_segments
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -108,7 +108,7 @@ def test_output_gradients_and_aux_match_reference(kwargs):
     params = [x, layer.goat_A["default"], layer.goat_B["default"], layer.goat_router["default"]]
 
     layer.train()
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x)
     terms = window.terms.get("balance_loss", [])
     ref_out, ref_balance = reference(layer, config, x, mask)

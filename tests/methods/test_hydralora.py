@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.hydralora import HydraLoRAConfig, HydraLoRALayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -97,7 +97,7 @@ def test_output_gradients_and_aux_match_reference(kwargs):
     params = [x] + [getattr(layer, name)["default"] for name in PARAM_NAMES]
 
     layer.train()
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x)
     ref_out, ref_cv2 = reference(layer, config, x, mask, input_mask)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -119,11 +119,11 @@ def test_balance_term_ignores_padding():
     model, layer = make_layer(init_weights=False, num_experts=4, head_balance_loss=True)
     x, mask = batch_with_padding()
     layer.train()
-    with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+    with loss_window.collect(token_mask=mask, collect_routing=True) as window:
         layer(x)
-    with aux_loss.collect(token_mask=torch.ones_like(mask)) as unmasked:
+    with loss_window.collect(token_mask=torch.ones_like(mask)) as unmasked:
         layer(x)
-    with aux_loss.collect(token_mask=torch.ones(int(mask.sum()), dtype=torch.long)) as real_only:
+    with loss_window.collect(token_mask=torch.ones(int(mask.sum()), dtype=torch.long)) as real_only:
         layer(x.reshape(-1, IN)[mask.reshape(-1).bool()])
     value = window.terms["balance_loss"][0][1]
     torch.testing.assert_close(value, real_only.terms["balance_loss"][0][1])
@@ -162,7 +162,7 @@ def test_bf16_forward_and_backward_are_finite():
                                                        init_weights=False, head_balance_loss=True))
     peft_model.train()
     ids = torch.randint(0, 128, (2, 6))
-    with aux_loss.collect() as window:
+    with loss_window.collect() as window:
         out = peft_model(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     (out.loss + window.weighted_total()).backward()

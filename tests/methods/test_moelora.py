@@ -13,7 +13,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import aux_loss
+from llamafactory_moe.core import loss_window
 from llamafactory_moe.methods.moelora import MoELoRAConfig, MoELoRALayer
 
 IN, OUT = 24, 20
@@ -83,7 +83,7 @@ def reference(layer: MoELoRALayer, config: MoELoRAConfig, x: torch.Tensor, mask:
 
 
 def run_layer(layer, x, mask):
-    with aux_loss.collect(token_mask=mask, collect_routing=True) as window:
+    with loss_window.collect(token_mask=mask, collect_routing=True) as window:
         out = layer(x)
     return out, window.terms.get("balance_loss", []), window.routing
 

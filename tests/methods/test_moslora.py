@@ -9,7 +9,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.moslora import MoSLoRAConfig, MoSLoRALayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -82,7 +82,7 @@ def test_output_and_gradients_match_reference(kwargs):
     cotangent = torch.randn(3, 5, OUT)
     params = [x] + [getattr(layer, name)["default"] for name in PARAM_NAMES]
     layer.train()
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x)
     assert window.terms == {}  # no auxiliary loss
     ref_out = reference(layer, config, x, input_mask)

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.core.step_hooks import apply_optimizer_step_updates
 from llamafactory_moe.methods.smora import SMoRAConfig, SMoRALayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
@@ -96,7 +96,7 @@ def test_output_and_gradients_match_reference(kwargs):
     x.requires_grad_(True)
     model.train()
     torch.manual_seed(7)
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = model(x)
     assert window.weighted_total() is None and not window.terms  # loss-free: no auxiliary term at all
     weights = torch.randn(out.shape)
@@ -157,7 +157,7 @@ def _counts_reference(layer, x, mask):
 
 
 def _train_forward(model, x, mask):
-    with aux_loss.collect(token_mask=mask):
+    with loss_window.collect(token_mask=mask):
         return model(x)
 
 
@@ -203,7 +203,7 @@ def test_gradient_checkpointing_recompute_is_not_counted(use_reentrant):
     model, layer = make_layer(init_weights=False)
     x, mask = batch_with_padding()
     model.train()
-    with aux_loss.collect(token_mask=mask):
+    with loss_window.collect(token_mask=mask):
         out = torch.utils.checkpoint.checkpoint(model, x.requires_grad_(True), use_reentrant=use_reentrant)
     once = layer.step_statistics()[0].clone()
     out.sum().backward()  # re-runs the forward after the window closed
@@ -216,7 +216,7 @@ def test_bf16_forward_is_finite_and_bias_steps_stay_exact():
                                                                    init_weights=False))
     ids = torch.randint(0, 128, (2, 7))
     model.train()
-    with aux_loss.collect(token_mask=torch.ones_like(ids)):
+    with loss_window.collect(token_mask=torch.ones_like(ids)):
         logits = model(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     apply_optimizer_step_updates(model)

@@ -11,7 +11,7 @@ from peft import get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import llamafactory_moe  # noqa: F401  (registers the methods)
-from llamafactory_moe.core import MoeConfigError, aux_loss
+from llamafactory_moe.core import MoeConfigError, loss_window
 from llamafactory_moe.methods.smore import SMoREConfig, SMoRELayer
 from tests.methods.common import assert_reloads_bit_exact_in_fresh_process, count_train_ops, tiny_llama
 
@@ -166,7 +166,7 @@ def run_and_compare(layer, config, seed=7):
     x.requires_grad_(True)
     layer.train()
     torch.manual_seed(seed)
-    with aux_loss.collect(token_mask=mask) as window:
+    with loss_window.collect(token_mask=mask) as window:
         out = layer(x) - layer.base_layer(x)
     L = config.num_layers
     torch.manual_seed(seed)  # the layer draws its gate noise top-down, one (N, P_l, s_l) normal tensor per gate
@@ -234,7 +234,7 @@ def test_eval_forward_matches_reference_without_noise_or_aux(gate):
     layer, config = make_layer(gate_type=gate, **SHAPES[False])
     x, mask = batch_with_padding()
     layer.eval()
-    with torch.no_grad(), aux_loss.collect(token_mask=mask) as window:
+    with torch.no_grad(), loss_window.collect(token_mask=mask) as window:
         out = layer(x) - layer.base_layer(x)
         expected, _ = reference(layer, config, x, mask, training=False)
     torch.testing.assert_close(out.reshape(-1, OUT), expected, atol=1e-5, rtol=1e-5)
@@ -251,7 +251,7 @@ def test_aux_terms_ignore_padding(gate):
         x_pad = x.clone()
         x_pad[mask == 0] = garbage
         torch.manual_seed(0)
-        with aux_loss.collect(token_mask=mask) as window:
+        with loss_window.collect(token_mask=mask) as window:
             layer(x_pad)
         terms.append(window.detached_terms())
     assert terms[0].keys() == terms[1].keys() and terms[0]
@@ -406,7 +406,7 @@ def test_bf16_forward_and_backward_are_finite():
                                                                         init_weights=False))
         model.train()
         ids = torch.randint(0, 128, (2, 6))
-        with aux_loss.collect(token_mask=torch.ones_like(ids)) as window:
+        with loss_window.collect(token_mask=torch.ones_like(ids)) as window:
             loss = model(input_ids=ids, labels=ids).loss
         total = loss + (window.weighted_total() if window.terms else 0)
         total.backward()

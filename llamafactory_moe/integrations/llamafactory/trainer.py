@@ -1,7 +1,7 @@
 """Aux losses in the loss, metrics in the logs. Mirrors the trainers of
 ``llamafactory.train.{sft,pt,dpo,kto,rm}.trainer`` (patched on each: ``compute_loss``, ``log``, ``create_optimizer``).
 
-``compute_loss`` opens the aux-loss window (``core/aux_loss.py``) and adds the recorded terms with HF's
+``compute_loss`` opens the aux-loss window (``core/loss_window.py``) and adds the recorded terms with HF's
 gradient-accumulation scaling; ``log`` adds ``moe_*`` metrics (averaged over steps and ranks exactly as HF averages
 ``loss``) and ``lm_loss`` (``loss`` without the aux terms) next to ``loss``.
 """
@@ -78,7 +78,7 @@ def _wrap_compute_loss(original, module):
     def compute_loss(self, model, inputs, *args, **kwargs):
         if not model.training or not _is_moe_model(model):
             return original(self, model, inputs, *args, **kwargs)
-        from ...core import aux_loss
+        from ...core import loss_window
 
         logging_steps = max(int(getattr(self.args, "logging_steps", 1) or 1), 1)
         collect_routing = (self.state.global_step + 1) % logging_steps == 0
@@ -86,7 +86,7 @@ def _wrap_compute_loss(original, module):
         from collections.abc import Mapping
 
         token_mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        with aux_loss.collect(token_mask=token_mask, collect_routing=collect_routing) as window:
+        with loss_window.collect(token_mask=token_mask, collect_routing=collect_routing) as window:
             result = original(self, model, inputs, *args, **kwargs)
         aux_total = window.weighted_total()
         # Mirror transformers' Trainer.training_step: it divides the returned loss by the accumulation steps only when

@@ -1,11 +1,23 @@
-"""The auxiliary-loss collector: the project's only module-level mutable state.
+"""The loss window: what the layers of one loss computation record, and the project's only module-level mutable state.
 
-Lifecycle of one training micro-batch (driven by the trainer patch in ``integrations/llamafactory/trainer.py``)::
+A window spans one training micro-batch's loss (or one analysed inference pass). While it is open the wrapped layers
+record into it, and it hands them the batch's token mask:
 
-    with aux_loss.collect(token_mask=inputs["attention_mask"]) as window:   # reset
-        loss = trainer.compute_loss(...)       # layers call aux_loss.record(...) inside forward
+* **auxiliary terms** (balance, diversity ... losses), which keep their graph and are added to the loss;
+* **routing summaries** (per-expert load, mass, entropy), detached, for logs and ``analyze``;
+* the **token mask** of the batch (padding excluded from balance statistics) and its cached per-token weights.
+
+Lifecycle (driven by the trainer patch in ``integrations/llamafactory/trainer.py``)::
+
+    with loss_window.collect(token_mask=inputs["attention_mask"]) as window:   # reset
+        loss = trainer.compute_loss(...)       # layers record inside forward
     loss = loss + window.weighted_total()      # drain: tensors keep their graph, so routers get gradients
     window.detached_terms()                    # floats for logging / analysis
+
+Who calls what: the trainer, ``analyze`` and the benchmark open windows (``collect``) and read them; only
+``core.layer.MoeLoraLayer`` calls the recording side (``pause_unless_counted`` / ``resume``, ``recording``,
+``record_term``, ``wants_routing``, ``record_routing_summary``, ``batch_token_mask``, ``token_weights``). Method
+files reach the window only through the layer's helpers, and ``core.routing`` is pure math that never sees it.
 
 Why a window rather than per-module attributes: gradient checkpointing re-runs layer forwards during ``backward()``,
 after the window closed, so recomputation records nothing and nothing is counted twice; DPO/KTO reference passes run
@@ -24,10 +36,9 @@ records every forward. Deciding once per layer forward, from its grad mode on en
 blocks (routing summaries) from changing the decision. The rule reads thread-local autograd flags only: no host sync,
 and it decides nothing about what a layer computes.
 
-The window also sets the batch's token mask, so balance statistics skip padding without any hook on the model. The
-mask outlives the window until the next one opens: non-reentrant checkpointing requires the recomputation (which runs
-during ``backward()``, after the window closed) to perform exactly the ops of the original forward, so a layer's
-computation may depend on the mask but never on whether the window is open — only ``record`` does.
+The mask outlives the window until the next one opens: non-reentrant checkpointing requires the recomputation (which
+runs during ``backward()``, after the window closed) to perform exactly the ops of the original forward, so a layer's
+computation may depend on the mask but never on whether the window is open — only what is recorded does.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from typing import Iterator, Optional
 import torch
 
 
-class AuxLossWindow:
+class LossWindow:
     def __init__(self, token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False):
         self._token_mask = token_mask
         self._flat_mask: Optional[torch.Tensor] = None
@@ -66,7 +77,7 @@ class AuxLossWindow:
 
     @property
     def routing(self) -> dict[str, list[dict[str, torch.Tensor]]]:
-        """layer name -> list of detached routing summaries (see `record_routing`), in recording order."""
+        """layer name -> list of detached routing summaries (``core.routing.routing_summary``), in recording order."""
         grouped: dict[str, list[dict[str, torch.Tensor]]] = defaultdict(list)
         for layer_name, summaries in self._routing_records:
             grouped[layer_name].append(summaries)
@@ -118,17 +129,17 @@ def _weighted_sum(values: list[tuple[float, torch.Tensor]], detach: bool, skip_z
     return total
 
 
-_window: Optional[AuxLossWindow] = None
-_batch_window: Optional[AuxLossWindow] = None  # the last window opened: its token mask serves recomputation too
+_window: Optional[LossWindow] = None
+_batch_window: Optional[LossWindow] = None  # the last window opened: its token mask serves recomputation too
 
 
 @contextmanager
-def collect(token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False) -> Iterator[AuxLossWindow]:
+def collect(token_mask: Optional[torch.Tensor] = None, collect_routing: bool = False) -> Iterator[LossWindow]:
     """Open a window for one loss computation. Nested windows are not allowed."""
     global _window, _batch_window
     if _window is not None:
         raise RuntimeError("an aux-loss window is already open; compute_loss must not be re-entered")
-    window = AuxLossWindow(token_mask=token_mask, collect_routing=collect_routing)
+    window = LossWindow(token_mask=token_mask, collect_routing=collect_routing)
     _window = _batch_window = window
     try:
         yield window
@@ -136,12 +147,9 @@ def collect(token_mask: Optional[torch.Tensor] = None, collect_routing: bool = F
         _window = None
 
 
-def current() -> Optional[AuxLossWindow]:
+def current() -> Optional[LossWindow]:
+    """The open window, or None."""
     return _window
-
-
-def is_open() -> bool:
-    return _window is not None
 
 
 def _in_autograd_function_forward() -> bool:
@@ -159,7 +167,7 @@ def _in_autograd_function_forward() -> bool:
     return fwd_grad_enabled is not None and not fwd_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-def pause_unless_counted() -> Optional[AuxLossWindow]:
+def pause_unless_counted() -> Optional[LossWindow]:
     """The rule, asked by ``MoeLoraLayer.forward`` on entry: is this layer forward part of the open window's loss?
 
     Yes when no window is open (nothing to decide), when the window was opened without gradients (analysis), when
@@ -175,7 +183,7 @@ def pause_unless_counted() -> Optional[AuxLossWindow]:
     return window
 
 
-def resume(window: Optional[AuxLossWindow]) -> None:
+def resume(window: Optional[LossWindow]) -> None:
     if window is not None:
         window.paused = False
 
@@ -188,13 +196,13 @@ def recording() -> bool:
     return window is not None and not window.paused
 
 
-def record(term: str, value: torch.Tensor, coef: float) -> None:
+def record_term(term: str, value: torch.Tensor, coef: float) -> None:
     """Record one layer's auxiliary term. A no-op unless ``recording()``."""
     if recording():
         _window._term_records.append((term, coef, value))
 
 
-def token_mask(num_tokens: int) -> Optional[torch.Tensor]:
+def batch_token_mask(num_tokens: int) -> Optional[torch.Tensor]:
     """The current training batch's non-padding mask (also during checkpoint recomputation), or None."""
     return None if _batch_window is None else _batch_window.token_mask(num_tokens)
 
@@ -222,10 +230,11 @@ def token_weights(mask: Optional[torch.Tensor], num_tokens: int, dtype: torch.dt
 
 
 def wants_routing() -> bool:
+    """Whether a forward running now should hand routing summaries to the window (logging steps, ``analyze``)."""
     return recording() and _window.collect_routing
 
 
-def record_routing(layer_name: str, **summaries: torch.Tensor) -> None:
-    """Keep detached per-layer routing summaries (expert load, entropy ...) for logging and analysis."""
+def record_routing_summary(layer_name: str, summaries: dict[str, torch.Tensor]) -> None:
+    """Keep one layer's detached routing summaries (expert load, entropy ...) for logging and analysis."""
     if wants_routing():
         _window._routing_records.append((layer_name, {k: v.detach() for k, v in summaries.items()}))
