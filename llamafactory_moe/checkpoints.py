@@ -44,6 +44,11 @@ def _adapter_paths(model_args) -> list[str]:
 
 
 def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> None:
+    """The adapters a run loads fit it: with one of our methods (``method``, or an adapter of ours among ``paths``) one
+    adapter only; each local one written by peft, of the run's method, with readable weights. Asked when the arguments
+    are parsed and again when the model loads (paths can come from a resumed checkpoint)."""
+    if len(paths) > 1 and (method is not None or any(os.path.isdir(p) and our_method_of(p) for p in paths)):
+        raise MoeConfigError(key, paths, "lists several adapters; a llamafactory-moe adapter must be loaded alone")
     for path in paths:
         if not os.path.isdir(path):
             continue  # a hub id or a missing dir: LLaMA-Factory / peft report it

@@ -42,6 +42,10 @@ BAD_CONFIGS = [
      "holds a `lora` adapter but `finetuning_type` is `moelora`"),
     ("corrupt-adapter-config", dict(adapter_name_or_path="{corrupt_adapter}"), "adapter_name_or_path",
      "unreadable adapter_config.json"),
+    ("several-adapters", dict(adapter_name_or_path="{moelora_adapter},{moelora_adapter}"), "adapter_name_or_path",
+     "lists several adapters"),
+    ("several-adapters-one-ours", dict(finetuning_type="lora", adapter_name_or_path="{lora_adapter},{moelora_adapter}"),
+     "adapter_name_or_path", "lists several adapters"),
     # -- every method: its own keys (wrong type, out of range, unknown choice), keys it ignores, stage, quantization --
     ("goat-scaling-mode-choice", dict(finetuning_type="goat", moe_scaling_mode="bogus"), "moe_scaling_mode",
      "must be one of 'alpha', 'gradient_alignment'"),

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 
-from ...core.errors import MoeConfigError
 from ..patching import Patch
 from ...checkpoints import (_adapter_paths, _check_adapters_match, check_adapter_fits, our_method_of,
                           saved_adapter_shapes)
-from .common import VERIFIED, _require_patches
+from .common import VERIFIED, _require_patches, check_quantized_base
 
 
 def _wrap_init_adapter(original, module):
@@ -35,20 +34,13 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
 
     logger = logging.get_logger("llamafactory_moe")
     _require_patches()
-    if is_trainable and getattr(model, "quantization_method", None) is not None and finetuning_args.moe_method:
-        from ...core.peft_types import METHODS
-
-        if METHODS[finetuning_args.moe_method].config_cls.modifies_base_weights:
-            raise MoeConfigError("quantization_bit", model_args.quantization_bit,
-                                 f"cannot be used with `{finetuning_args.moe_method}`")
+    if is_trainable and getattr(model, "quantization_method", None) is not None:
+        check_quantized_base(finetuning_args.moe_method, model_args.quantization_bit or model.quantization_method)
 
     cast_to_fp32 = (is_trainable and not finetuning_args.pure_bf16 and not finetuning_args.use_badam
                     and not (model_args.quantization_bit is None and is_deepspeed_zero3_enabled()))
 
     if paths:
-        if len(paths) > 1:
-            raise MoeConfigError("adapter_name_or_path", paths,
-                                 "lists several adapters; a llamafactory-moe adapter must be loaded alone")
         _check_adapters_match(getattr(finetuning_args, "moe_method", None), paths, "adapter_name_or_path")
         saved = saved_adapter_shapes(paths[0], "adapter_name_or_path") if os.path.isdir(paths[0]) else None
         # upstream's `init_kwargs` (_setup_lora_tuning); paths[0] already includes `adapter_folder` for a local dir

@@ -17,7 +17,7 @@ from ...checkpoints import _adapter_paths, _check_adapters_match, our_method_of
 from ...core.errors import MoeConfigError, check_float
 from ...data import demo_data_dir
 from ..patching import Patch
-from .common import VERIFIED, _require_patches
+from .common import VERIFIED, _require_patches, check_quantized_base
 
 
 def _replace_finetuning_arguments(original, module):
@@ -147,9 +147,11 @@ def _wrap_parse_train_args(original, module):
         _maybe_use_packaged_data(data_args)
         method = getattr(finetuning_args, "moe_method", None)
         if method is None:
-            for path in _adapter_paths(model_args):
+            paths = _adapter_paths(model_args)
+            for path in paths:
                 if os.path.isdir(path) and our_method_of(path):
                     _require_patches()
+                    _check_adapters_match(None, paths, "adapter_name_or_path")
                     _refuse_ignored_backends(vars(model_args), our_method_of(path))
                     _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), our_method_of(path))
             return parsed
@@ -167,10 +169,7 @@ def _wrap_parse_train_args(original, module):
                 logging.get_logger("llamafactory_moe").warning_rank0(
                     f"`moe_aux_loss_coef` is not used by `{method}` (it has no auxiliary loss); it only weights the "
                     "router loss of a mixture-of-experts base model.")
-        if model_args.quantization_bit is not None and config.modifies_base_weights:
-            raise MoeConfigError("quantization_bit", model_args.quantization_bit,
-                                 f"cannot be used with `{method}`, which corrects the frozen base weights",
-                                 "train on an unquantized base model")
+        check_quantized_base(method, model_args.quantization_bit)
         _check_adapters_match(method, _adapter_paths(model_args), "adapter_name_or_path")
         resume = training_args.resume_from_checkpoint or _auto_resume_checkpoint(training_args)
         if resume and os.path.isdir(str(resume)):
@@ -223,9 +222,7 @@ def _wrap_parse_infer_args(original, module):
             raise MoeConfigError("infer_backend", model_args.infer_backend,
                                  f"cannot serve `{method}` adapters: vLLM / SGLang load adapters as plain LoRA and "
                                  "would drop the experts", "use `infer_backend: huggingface`")
-        if len(_adapter_paths(model_args)) > 1:
-            raise MoeConfigError("adapter_name_or_path", model_args.adapter_name_or_path,
-                                 "lists several adapters; a llamafactory-moe adapter must be loaded alone")
+        _check_adapters_match(method, _adapter_paths(model_args), "adapter_name_or_path")
         if model_args.export_dir is not None:
             from ...core.peft_types import METHODS
 
