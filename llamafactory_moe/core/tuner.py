@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import loss_window
+from .errors import MoeConfigError
 from .compiling import configure_dynamo
 from .config import MoeLoraConfig
 from .gloo_exit import register_exit_guard
@@ -46,10 +47,10 @@ class MoeLoraTuner(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, nn.Linear):
-            raise TypeError(
-                f"`target_modules` matched `{current_key}` of type {type(base).__name__}; `{config.method_name}` "
-                "experts wrap nn.Linear layers only. Narrow `target_modules` (LLaMA-Factory: `lora_target`)."
-            )
+            raise MoeConfigError(
+                "target_modules", current_key,
+                f"matched a {type(base).__name__}; `{config.method_name}` experts wrap nn.Linear layers only",
+                "narrow `target_modules`")
         new_module = self.tuner_layer_cls(target, adapter_name, config, layer_name=current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained

@@ -163,10 +163,16 @@ class _MoeArgumentsBase:
         try:
             return config_cls(task_type="CAUSAL_LM", **kwargs)
         except MoeConfigError as exc:
-            raise MoeConfigError(_lf_key(exc.field), exc.value, _to_lf_wording(exc.constraint, config_cls),
-                                 _to_lf_wording(exc.fix, config_cls), method=method) from None
+            raise in_llamafactory_keys(exc, config_cls, method) from None
         except TypeError as exc:  # wrong value type that the dataclass rejected
             raise MoeConfigError("finetuning_type", method, f"got invalid keys: {exc}") from None
+
+
+def in_llamafactory_keys(exc: MoeConfigError, config_cls: type, method: str) -> MoeConfigError:
+    """The same error, naming the yaml keys a LLaMA-Factory user wrote (``lora_rank``, ``moe_num_experts`` ...) instead
+    of the peft config's fields."""
+    return MoeConfigError(_lf_key(exc.field), exc.value, _to_lf_wording(exc.constraint, config_cls),
+                          _to_lf_wording(exc.fix, config_cls), method=method)
 
 
 def _lf_key(config_field: str) -> str:

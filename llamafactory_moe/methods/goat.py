@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from peft.utils.integrations import gather_params_ctx
 
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
-from ..core.errors import check_bool, check_choice, check_float
+from ..core.errors import MoeConfigError, check_bool, check_choice, check_float
 from ..core.experts import paired_experts
 
 logger = logging.getLogger(__name__)
@@ -175,12 +175,13 @@ class GoatLayer(MoeLoraLayer):
     def create_adapter(self, adapter_name: str, config: GoatConfig) -> None:
         total_rank = config.num_experts * config.expert_rank
         if total_rank > min(self.in_features, self.out_features):
-            raise ValueError(
-                f"GOAT splits the spectrum of `{self.moe_layer_name}` ({self.out_features} x {self.in_features}) into "
-                f"`num_experts` ({config.num_experts}) blocks of `expert_rank` ({config.expert_rank}) singular triplets, "
-                f"which needs num_experts * expert_rank <= {min(self.in_features, self.out_features)}; lower "
-                "`expert_rank` / `num_experts` or exclude this module from `target_modules`"
-            )
+            # Known only once the layer's shape is: raised while the model is built, still as a one-line error.
+            raise MoeConfigError(
+                "num_experts", config.num_experts,
+                f"times `expert_rank` ({config.expert_rank}) is {total_rank}: GOAT splits the spectrum of "
+                f"`{self.moe_layer_name}` ({self.out_features} x {self.in_features}) into blocks of singular triplets, "
+                f"which needs num_experts * expert_rank <= {min(self.in_features, self.out_features)}",
+                "lower `expert_rank` / `num_experts` or leave this module out of `target_modules`")
         self.goat_A[adapter_name] = nn.Parameter(torch.empty(total_rank, self.in_features))  # (E*r, in)
         self.goat_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, total_rank))  # (out, E*r)
         self.goat_router[adapter_name] = nn.Parameter(torch.empty(config.num_experts, self.in_features))  # (E, in)

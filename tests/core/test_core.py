@@ -249,3 +249,19 @@ def test_gather_experts_matches_torch_gather_and_keeps_only_the_index():
     (grad_reference,) = torch.autograd.grad((reference * upstream).sum(), outputs)
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(grad_ours, grad_reference)  # repeated picks (token 1, token 4) accumulate
+
+
+def test_a_target_that_is_not_linear_is_a_one_line_config_error():
+    """Known only while the model is built (which module `target_modules` matches): still the config error, naming the
+    key, the matched module and what is allowed."""
+    from peft import get_peft_model
+
+    from llamafactory_moe import MoELoRAConfig
+    from llamafactory_moe.core.errors import MoeConfigError
+    from tests.methods.common import tiny_llama
+
+    config = MoELoRAConfig(target_modules=["embed_tokens"], num_experts=2, top_k=1, expert_rank=2)
+    with pytest.raises(MoeConfigError) as info:
+        get_peft_model(tiny_llama(), config)
+    assert str(info.value).startswith("`target_modules` ('model.embed_tokens') matched a Embedding"), str(info.value)
+    assert "nn.Linear layers only" in str(info.value)

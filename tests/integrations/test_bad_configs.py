@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from llamafactory_moe.core.errors import MoeConfigError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_args
 
 MISSING_MODEL = "/nonexistent/model-that-must-not-be-loaded"
 
@@ -161,3 +161,19 @@ def test_cli_exits_nonzero_with_one_line_and_no_traceback(case_id, adapter_dirs,
     assert proc.returncode != 0
     assert "llamafactory-moe: invalid configuration:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_mistake_known_only_when_the_model_is_built_is_one_line_too(tiny_model, tiny_data, tmp_path):
+    """GOAT's `num_experts * expert_rank` must fit each wrapped layer's spectrum, which is known once the model's shapes
+    are: raised while the model is built, it is still the one-line error in the user's yaml keys, and nothing trains."""
+    out = tmp_path / "out"
+    # the tiny model's layers are 64 wide: 8 experts x rank 16 = 128 singular triplets do not fit
+    cfg = train_args(tiny_model, tiny_data, str(out), finetuning_type="goat", moe_num_experts=8, lora_rank=16)
+    proc = run_cli(["llamafactory-cli", "train"], cfg, tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "llamafactory-moe: invalid configuration: `moe_num_experts` (8) times `lora_rank` (16) is 128" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "lower `lora_rank` / `moe_num_experts` or leave this module out of `lora_target`" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("**/adapter_model.safetensors"))
