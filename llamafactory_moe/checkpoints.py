@@ -35,6 +35,35 @@ def our_method_of(adapter_dir: str) -> Optional[str]:
     return peft_type.lower() if peft_type and peft_type.lower() in METHODS else None
 
 
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def adapter_method(source: str, model_args) -> Optional[str]:
+    """Our method of the adapter at ``source`` (one entry of ``_adapter_paths``), or None when it is not ours.
+
+    A local directory is read directly. A hub id (``owner/name``) is read from its ``adapter_config.json`` the way peft
+    will read it when the adapter loads (same ``adapter_folder``, ``model_revision``, ``cache_dir`` and token; the local
+    cache first, the hub unless ``HF_HUB_OFFLINE``), so an adapter of ours named by its hub id is recognised even when
+    ``finetuning_type`` is stock LoRA. Unreachable or not an adapter: None, and LLaMA-Factory / peft report their own
+    error when they load it.
+    """
+    if os.path.isdir(source):
+        return our_method_of(source)
+    if not _HUB_ID.match(source):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        config_file = hf_hub_download(source, "adapter_config.json",
+                                      subfolder=getattr(model_args, "adapter_folder", None) or None,
+                                      revision=getattr(model_args, "model_revision", None),
+                                      cache_dir=getattr(model_args, "cache_dir", None),
+                                      token=getattr(model_args, "hf_hub_token", None))
+    except Exception:  # noqa: BLE001 - offline, no such repo, no such file: not ours to report
+        return None
+    return our_method_of(os.path.dirname(config_file))
+
+
 def _adapter_paths(model_args) -> list[str]:
     """The adapter directories to inspect: with ``adapter_folder`` (upstream loads ``subfolder=adapter_folder``) a local
     adapter lives in ``<path>/<adapter_folder>``."""
@@ -43,12 +72,17 @@ def _adapter_paths(model_args) -> list[str]:
             for p in (model_args.adapter_name_or_path or [])]
 
 
-def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> None:
-    """The adapters a run loads fit it: with one of our methods (``method``, or an adapter of ours among ``paths``) one
-    adapter only; each local one written by peft, of the run's method, with readable weights. Asked when the arguments
-    are parsed and again when the model loads (paths can come from a resumed checkpoint)."""
+def check_one_adapter(method: Optional[str], paths: list[str], key: str) -> None:
+    """With one of our methods (``method``, or an adapter of ours among ``paths``) a run loads one adapter only. Asked
+    when the arguments are parsed (train and inference) and again when the model loads."""
     if len(paths) > 1 and (method is not None or any(os.path.isdir(p) and our_method_of(p) for p in paths)):
         raise MoeConfigError(key, paths, "lists several adapters; a llamafactory-moe adapter must be loaded alone")
+
+
+def _check_adapters_match(method: Optional[str], paths: list[str], key: str) -> None:
+    """The adapters a run of ``method`` loads fit it: one adapter (``check_one_adapter``), each local one written by
+    peft, of the run's method, with readable weights. Asked when the arguments are parsed and when the model loads."""
+    check_one_adapter(method, paths, key)
     for path in paths:
         if not os.path.isdir(path):
             continue  # a hub id or a missing dir: LLaMA-Factory / peft report it

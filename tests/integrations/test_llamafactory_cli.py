@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, read_jsonl, run_cli, train_args
+from tests.conftest import BASE_ENV, SHARED_DATA, read_jsonl, run_cli, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +138,65 @@ def test_export_of_routed_adapter_refuses_before_loading(trained, tiny_model, tm
     assert "`export_dir`" in proc.stderr and "cannot be merged" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "exported").exists()
+
+
+def _as_hub_cache(adapter_dir, cache_dir, repo_id: str, peft_type: str | None = None) -> None:
+    """Lay `adapter_dir` out the way huggingface_hub caches a downloaded repo (refs/main -> snapshots/<commit>/...), so
+    the hub id resolves offline from `cache_dir` exactly as after a real download (optionally with another peft_type)."""
+    import shutil
+
+    owner, name = repo_id.split("/")
+    repo, commit = cache_dir / f"models--{owner}--{name}", "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(adapter_dir / "adapter_model.safetensors", snapshot / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if peft_type is not None:
+        config["peft_type"] = peft_type
+    (snapshot / "adapter_config.json").write_text(json.dumps(config))
+
+
+_CHAT_SCRIPT = """
+import json, sys
+from llamafactory.chat import ChatModel
+replies = {}
+for name, source in (("hub", sys.argv[2]), ("local", sys.argv[3])):
+    chat = ChatModel(dict(model_name_or_path=sys.argv[1], adapter_name_or_path=source, cache_dir=sys.argv[4],
+                          template="llama3", max_new_tokens=4, do_sample=False))
+    config = chat.engine.model.peft_config["default"]
+    replies[name] = [getattr(config, "method_name", None), chat.chat([{"role": "user", "content": "add 1 and 2"}])[0].response_text]
+print("REPLIES=" + json.dumps(replies))
+"""
+
+
+def test_an_adapter_named_by_its_hub_id_is_recognised_as_ours(trained, tiny_model, tmp_path):
+    """`adapter_name_or_path: owner/name` with LLaMA-Factory's default `finetuning_type` (lora): the adapter's own
+    config, read the way peft reads it (here from the hub cache, offline), makes it ours. Export refuses before
+    loading, naming `export_dir`; chat loads it unmerged through our path and answers like the same adapter on disk."""
+    out, _, _ = trained
+    cache = tmp_path / "hub"
+    _as_hub_cache(out, cache, "someone/moelora-adapter")
+    _as_hub_cache(out, cache, "someone/labelled-lora", peft_type="LORA")  # negative control: a stock LoRA config
+    export = dict(model_name_or_path=tiny_model, cache_dir=str(cache), template="llama3",
+                  export_dir=str(tmp_path / "exported"))
+    proc = run_cli(["llamafactory-cli", "export"], {**export, "adapter_name_or_path": "someone/moelora-adapter"},
+                   tmp_path)
+    assert proc.returncode != 0
+    assert "`export_dir`" in proc.stderr and "cannot be merged" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "exported").exists()
+    # Not ours by its config: our refusal stays silent (LLaMA-Factory's own LoRA path then handles it, and fails on
+    # weights that are not LoRA's — what matters here is that the decision came from the adapter's config).
+    proc = run_cli(["llamafactory-cli", "export"], {**export, "adapter_name_or_path": "someone/labelled-lora"}, tmp_path)
+    assert "`export_dir`" not in proc.stderr, proc.stderr[-3000:]
+
+    proc = subprocess.run([sys.executable, "-c", _CHAT_SCRIPT, tiny_model, "someone/moelora-adapter", str(out),
+                           str(cache)], cwd=tmp_path, env=BASE_ENV, capture_output=True, text=True, timeout=300)
+    _assert_ok(proc)
+    replies = json.loads(proc.stdout.split("REPLIES=")[-1])
+    assert replies["hub"][0] == replies["local"][0] == "moelora", replies
+    assert replies["hub"][1] == replies["local"][1], replies
 
 
 def test_export_merges_moslora_and_matches_the_unmerged_adapter(tiny_model, tiny_data, tmp_path):

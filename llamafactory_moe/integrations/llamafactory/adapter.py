@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 
+from ...core.errors import MoeConfigError
+from ..arguments import in_llamafactory_keys
 from ..patching import Patch
-from ...checkpoints import (_adapter_paths, _check_adapters_match, check_adapter_fits, our_method_of,
+from ...checkpoints import (_adapter_paths, _check_adapters_match, adapter_method, check_adapter_fits,
                           saved_adapter_shapes)
 from .common import VERIFIED, _require_patches, check_quantized_base
 
@@ -17,7 +19,7 @@ def _wrap_init_adapter(original, module):
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         method = getattr(finetuning_args, "moe_method", None)
         paths = _adapter_paths(model_args)
-        ours = [p for p in paths if os.path.isdir(p) and our_method_of(p)]
+        ours = [p for p in paths if adapter_method(p, model_args)]  # a local dir or a hub id
         if method is None and not ours:
             return original(config, model, model_args, finetuning_args, is_trainable)
         return _setup_moe_adapter(model, model_args, finetuning_args, is_trainable, paths)
@@ -64,7 +66,10 @@ def _setup_moe_adapter(model, model_args, finetuning_args, is_trainable: bool, p
     elif is_trainable:
         config = _with_upstream_targets(finetuning_args.moe_peft_config, model, model_args, finetuning_args, logger)
         target_modules = config.target_modules
-        model = get_peft_model(model, config, autocast_adapter_dtype=cast_to_fp32)
+        try:
+            model = get_peft_model(model, config, autocast_adapter_dtype=cast_to_fp32)
+        except MoeConfigError as exc:  # a mistake known only once the layer shapes are (e.g. GOAT's spectrum split)
+            raise in_llamafactory_keys(exc, type(config), config.method_name) from None
         logger.info_rank0(f"Created a {config.method_name} adapter on {sorted(set(target_modules))}.")
     else:
         return model

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Optional
 
-from ...checkpoints import _adapter_paths, _check_adapters_match, our_method_of
+from ...checkpoints import _adapter_paths, _check_adapters_match, adapter_method, check_one_adapter, our_method_of
 from ...core.errors import MoeConfigError, check_float
 from ...data import demo_data_dir
 from ..patching import Patch
@@ -149,11 +149,12 @@ def _wrap_parse_train_args(original, module):
         if method is None:
             paths = _adapter_paths(model_args)
             for path in paths:
-                if os.path.isdir(path) and our_method_of(path):
+                theirs = adapter_method(path, model_args)  # a local dir or a hub id
+                if theirs:
                     _require_patches()
-                    _check_adapters_match(None, paths, "adapter_name_or_path")
-                    _refuse_ignored_backends(vars(model_args), our_method_of(path))
-                    _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), our_method_of(path))
+                    check_one_adapter(theirs, paths, "adapter_name_or_path")
+                    _refuse_ignored_backends(vars(model_args), theirs)
+                    _force_non_reentrant_checkpointing(model_args, _raw_args(module, args), theirs)
             return parsed
         _require_patches()
         _refuse_ignored_backends(vars(model_args), method)
@@ -209,7 +210,7 @@ def _wrap_parse_infer_args(original, module):
         parsed = original(args)
         model_args, _data_args, finetuning_args, _ = parsed
         _expand_user_paths(model_args)
-        methods = {m for m in (our_method_of(p) for p in _adapter_paths(model_args) if os.path.isdir(p)) if m}
+        methods = {m for m in (adapter_method(p, model_args) for p in _adapter_paths(model_args)) if m}
         if getattr(finetuning_args, "moe_method", None):
             methods.add(finetuning_args.moe_method)
         if not methods:
@@ -222,7 +223,7 @@ def _wrap_parse_infer_args(original, module):
             raise MoeConfigError("infer_backend", model_args.infer_backend,
                                  f"cannot serve `{method}` adapters: vLLM / SGLang load adapters as plain LoRA and "
                                  "would drop the experts", "use `infer_backend: huggingface`")
-        _check_adapters_match(method, _adapter_paths(model_args), "adapter_name_or_path")
+        check_one_adapter(method, _adapter_paths(model_args), "adapter_name_or_path")
         if model_args.export_dir is not None:
             from ...core.peft_types import METHODS
 
