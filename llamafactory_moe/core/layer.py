@@ -195,8 +195,11 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
 
     # -- expert weights for analysis (expert similarity) -------------------------------------------------------------
     # (A, B) container names of the paired expert layout A: (E*r, in), B: (out, E*r) (core.experts.paired_experts);
-    # None: the method overrides `expert_weight_vectors` or has no experts.
+    # None: see `up_expert_name`, or the method overrides `expert_weight_vectors` or has no experts.
     paired_expert_names: ClassVar[Optional[tuple[str, str]]] = None
+    # The B container (out, E*r) whose column blocks are the experts, when only the up-projections are per expert
+    # (one shared or separately routed A: HydraLoRA's heads, D2MoRA's up-experts).
+    up_expert_name: ClassVar[Optional[str]] = None
 
     @torch.no_grad()
     def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
@@ -204,7 +207,7 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         count (``record_routing``). Default: ``[vec A_e, vec B_e]`` of the paired layout; None when the method has no
         experts to compare (MoSLoRA). Called on logging steps and by ``analyze``, never in ``forward``."""
         if self.paired_expert_names is None:
-            return None
+            return None if self.up_expert_name is None else self._up_expert_vectors(adapter_name)
         a_name, b_name = self.paired_expert_names
         A, B = getattr(self, a_name)[adapter_name], getattr(self, b_name)[adapter_name]
         num_experts = self.moe_config[adapter_name].num_experts
@@ -214,6 +217,14 @@ class MoeLoraLayer(nn.Module, BaseTunerLayer):
         A_e = A.reshape(num_experts, rank * A.shape[1])  # rows e*r .. (e+1)*r of A
         B_e = B.reshape(B.shape[0], num_experts, rank).transpose(0, 1).reshape(num_experts, -1)  # columns of B
         return torch.cat([A_e, B_e], dim=1).float()
+
+    def _up_expert_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``(E, out*r)``: expert ``e``'s column block ``B[:, e*r:(e+1)*r]`` flattened into one row."""
+        B = getattr(self, self.up_expert_name)[adapter_name]
+        if B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
+            return None
+        num_experts = self.moe_config[adapter_name].num_experts
+        return B.reshape(B.shape[0], num_experts, -1).transpose(0, 1).reshape(num_experts, -1).float()
 
     # -- merge -------------------------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -113,6 +113,7 @@ def sum_abs_pairwise_cosine(*groups: torch.Tensor, eps: float = COSINE_EPS) -> t
 
 class D2MoRALayer(MoeLoraLayer):
     adapter_layer_names = ("d2mora_A", "d2mora_B", "d2mora_router_down", "d2mora_router_up")
+    up_expert_name = "d2mora_B"  # the up-experts B_j, which router 2 routes; A-experts: `moe_diversity_loss`
     fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: D2MoRAConfig) -> None:
@@ -164,16 +165,6 @@ class D2MoRALayer(MoeLoraLayer):
             self.record_aux("diversity_loss", diversity, coef)
         return routed_up_projection(h, B, weights_up, config.scaling, residual)
 
-
-    @torch.no_grad()
-    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """``(N, out*r)``: the up-experts B_j, which router 2 routes (the ones routing statistics count); the A-experts'
-        diversity is in the logged `moe_diversity_loss`."""
-        B = self.d2mora_B[adapter_name]
-        if B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
-            return None
-        N = self.moe_config[adapter_name].num_experts
-        return B.reshape(B.shape[0], N, -1).transpose(0, 1).reshape(N, -1).float()
 
 class D2MoRAModel(MoeLoraTuner):
     prefix = "d2mora_"

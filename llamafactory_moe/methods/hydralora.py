@@ -77,6 +77,7 @@ class HydraLoRAConfig(MoeLoraConfig):
 
 class HydraLoRALayer(MoeLoraLayer):
     adapter_layer_names = ("hydralora_A", "hydralora_B", "hydralora_router")
+    up_expert_name = "hydralora_B"  # the heads B_j (column blocks of B); the shared A is the same for every head
     fuses_residual = True
 
     def create_adapter(self, adapter_name: str, config: HydraLoRAConfig) -> None:
@@ -109,15 +110,6 @@ class HydraLoRALayer(MoeLoraLayer):
         code = F.linear(self.moe_dropout[adapter_name](x), self.hydralora_A[adapter_name])  # (N_tok, r), once
         return routed_up_projection(code, self.hydralora_B[adapter_name], routing_weights, config.scaling, residual)
 
-
-    @torch.no_grad()
-    def expert_weight_vectors(self, adapter_name: str) -> Optional[torch.Tensor]:
-        """``(N, out*r)``: the heads B_j (column blocks of B); the shared A is the same for every head."""
-        B = self.hydralora_B[adapter_name]
-        if B.numel() == 0:  # DeepSpeed ZeRO-3 partition outside forward
-            return None
-        N = self.moe_config[adapter_name].num_experts
-        return B.reshape(B.shape[0], N, -1).transpose(0, 1).reshape(N, -1).float()
 
 class HydraLoRAModel(MoeLoraTuner):
     prefix = "hydralora_"
