@@ -24,6 +24,7 @@ from .compiling import configure_dynamo
 from .config import MoeLoraConfig
 from .gloo_exit import register_exit_guard
 from .layer import MoeLoraLayer
+from .step_hooks import apply_optimizer_step_updates
 
 
 class MoeLoraTuner(BaseTuner):
@@ -71,8 +72,16 @@ class MoeLoraTuner(BaseTuner):
         # Buffers (e.g. SMoRA's balancing bias) are never parameters, so nothing else to freeze.
 
     def aux_loss_window(self, token_mask: Optional[torch.Tensor] = None):
-        """For plain-PEFT training loops: ``with model.aux_loss_window(mask) as w: loss = ...; loss += w.weighted_total()``."""
+        """For plain-PEFT training loops: ``with model.aux_loss_window(mask) as w: loss = ...``, then add
+        ``w.weighted_total()`` (None for a method without auxiliary loss) to the loss (README, "Your own training
+        loop")."""
         return loss_window.collect(token_mask=token_mask)
+
+    def apply_optimizer_step_updates(self) -> int:
+        """For plain-PEFT training loops, after each ``optimizer.step()`` on every rank: the once-per-step updates of
+        non-trainable adapter state (SMoRA's loss-free balancing bias), all-reduced across data-parallel ranks. Returns
+        the number of layers updated (0 for methods without such state)."""
+        return apply_optimizer_step_updates(self.model)
 
     def moe_layers(self) -> list[MoeLoraLayer]:
         return [m for m in self.model.modules() if isinstance(m, MoeLoraLayer)]

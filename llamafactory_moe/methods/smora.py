@@ -16,8 +16,7 @@ Loss-free balancing (Wang et al. 2024, as in DeepSeek-V3): no auxiliary loss. Du
 optimizer step each layer counts c_j, the real (non-padding) tokens that selected rank j; after the step the counts are
 summed over data-parallel ranks and every bias moves b_j <- b_j + u * sign(mean(c) - c_j), u = bias_update_rate.
 LLaMA-Factory runs this after every optimizer step; a plain PyTorch loop forwards inside
-``model.aux_loss_window(mask)`` and calls ``core.step_hooks.apply_optimizer_step_updates(model)`` after
-``optimizer.step()``.
+``model.aux_loss_window(mask)`` and calls ``model.apply_optimizer_step_updates()`` after ``optimizer.step()``.
 
 Expert compute is dense and masked: H = x~ A^T (N, r), times the k-sparse gate, times B^T (two GEMMs, no gather, no
 loop over ranks); A: (r, in), B: (out, r) are the stacked form of r rank-1 experts.
