@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"llamafactory-moe copy-configs: {exc}", file=sys.stderr)
         return 2
     counts = {folder: sum(1 for p in written if p.relative_to(destination).parts[0] == folder) for folder in FOLDERS}
-    print(f"copied into {destination.resolve()}: " + ", ".join(f"{folder}/ ({n} files)" for folder, n in counts.items()))
+    listing = ", ".join(f"{folder}/ ({n} files)" for folder, n in counts.items())
+    print(f"copied into {destination.resolve()}: {listing}")
     print("next, from that folder:\n"
           "  llamafactory-cli train configs/llama3_smora.yaml\n"
           "  MOE_BASE_MODEL=<base model> MOE_ADAPTER=<output_dir> MOE_EVAL_DATA=<data root> "

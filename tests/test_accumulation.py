@@ -139,13 +139,13 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------------------------------
 # Tests.
 # ---------------------------------------------------------------------------------------------------------------------
-import re
+import re  # noqa: E402 - below the script part above, which runs in a child process without pytest
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from tests.conftest import BASE_ENV, train_args
-from tests.method_cases import METHOD_CASES
+from tests.conftest import BASE_ENV, train_args  # noqa: E402
+from tests.method_cases import METHOD_CASES  # noqa: E402
 
 # One case per routed method (with its aux loss switched on where the method has one).
 ROUTED = {"moelora": "moelora-top2", "goat": "goat-top2", "adamole": "adamole", "d2mora": "d2mora",

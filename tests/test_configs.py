@@ -144,9 +144,9 @@ def test_headline_config_reaches_the_hub_download(tiny_model, tmp_path):
     """`llamafactory-cli train configs/llama3_smora.yaml` from the repository root, as the README says (model swapped
     for the tiny one, 1 step): offline, it gets past dataset_info.json to the hub download of the paper's data and
     stops there with the datasets library's own message."""
-    from tests.conftest import BASE_ENV
-
     import subprocess
+
+    from tests.conftest import BASE_ENV
 
     result = subprocess.run(
         ["llamafactory-cli", "train", "configs/llama3_smora.yaml", f"model_name_or_path={tiny_model}", "max_steps=1",

@@ -132,7 +132,7 @@ def test_installed_wheel_trains_evaluates_and_compares_from_a_user_folder(user_v
 
     where = run("python", "-c", "import llamafactory_moe, llamafactory; print(llamafactory_moe.__file__)")
     assert where.stdout.strip().startswith(str(user_venv)), where.stdout  # the wheel, not the checkout
-    assert not str(REPO) in where.stdout
+    assert str(REPO) not in where.stdout
 
     run("llamafactory-moe", "copy-configs")
     assert (work / "configs" / "llama3_smora.yaml").is_file() and (work / "eval_configs" / "flan_eval.py").is_file()

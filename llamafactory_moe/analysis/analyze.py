@@ -318,8 +318,8 @@ def plot_all(result: dict, shown: list[str], out_dir: Path, title: str) -> list[
 def analyze(args: argparse.Namespace) -> dict:
     import torch
 
-    from .statistics import accumulate, cosine_similarity_matrix, expert_similarity, model_expert_vectors, \
-        routing_metrics
+    from .statistics import (accumulate, cosine_similarity_matrix, expert_similarity, model_expert_vectors,
+                             routing_metrics)
 
     for flag, value in (("--max-samples", args.max_samples), ("--max-layers", args.max_layers),
                         ("--cutoff-len", args.cutoff_len)):

@@ -64,8 +64,9 @@ SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique
                       "unique_consecutive", "unique_dim", "repeat_interleave"})
 
 
-# Ops that return a new tensor header on the input's storage without an `alias_info` in their schema, so `is_view` misses
-# them: `_unsafe_view` is `view` for outputs autograd need not track as aliases (what `reshape` of a fresh tensor emits).
+# Ops that return a new tensor header on the input's storage without an `alias_info` in their schema, so `is_view`
+# misses them: `_unsafe_view` is `view` for outputs autograd need not track as aliases (what `reshape` of a fresh tensor
+# emits).
 _UNTRACKED_VIEWS = frozenset({"_unsafe_view", "_reshape_alias"})
 
 

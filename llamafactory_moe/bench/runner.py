@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from .cases import BenchCase, cases_for
-from .measure import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, AtenOpCounter, Timer, interleaved_times, median,
+from .measure import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, AtenOpCounter, Timer, interleaved_times,
                       step_peak_bytes)
 from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, LinearStack, build_config, generate_fn, layer_fwd_bwd,
                         lora_params_per_rank, modifies_base, shared_copy, smollm2, tiny_llama, train_variant,
@@ -185,7 +185,8 @@ def run(settings: Settings) -> dict:
         variants[label]["generate_s"] = values
         variants[label]["generate_tokens"] = settings.new_tokens
     _log(f"generate: {time.perf_counter() - phase:.0f} s")
-    del models, gens
+    models.clear()  # free the variants before the layer measurements (closures above still name the dict)
+    gens.clear()
 
     # -- 2. one d x d layer, forward + backward ----------------------------------------------------------------------
     phase = time.perf_counter()
@@ -207,7 +208,8 @@ def run(settings: Settings) -> dict:
     for label, values in times.items():
         variants[label]["layer_s"] = values
     _log(f"single layer: {time.perf_counter() - phase:.0f} s")
-    del layer_fns, x, grad_out
+    layer_fns.clear()
+    x = grad_out = None  # free them (the build closures above still name these variables)
 
     # -- 3. aten ops per layer forward + backward, host syncs ---------------------------------------------------------
     ops = {}

@@ -56,7 +56,8 @@ def build_table(preset: Preset, outcomes: list[dict]) -> tuple[list[str], list[l
         if outcome.get("failed"):
             step = outcome["failed"]["step"]
             rest = [f"failed at {step}"] * (len(header) - 3)
-            rows.append([outcome["name"], outcome["finetuning_type"], f"failed at {step}: see {outcome['failed']['log']}",
+            rows.append([outcome["name"], outcome["finetuning_type"],
+                         f"failed at {step}: see {outcome['failed']['log']}",
                          *rest])
             continue
         params = outcome["trainable_params"]

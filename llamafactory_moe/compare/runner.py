@@ -276,9 +276,11 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     parser = sub.add_parser("compare", help="train several methods on the same data with llamafactory-cli, evaluate "
                                             "each with OpenCompass, write one table and a loss plot (resumable)")
-    parser.add_argument("preset", help="preset yaml, e.g. configs/compare/tiny.yaml (format: configs/compare/README.md)")
+    parser.add_argument("preset",
+                        help="preset yaml, e.g. configs/compare/tiny.yaml (format: configs/compare/README.md)")
     parser.add_argument("--output-dir", default=None,
-                        help="where runs and results go (default: the preset's output_dir, else saves/compare/<preset>)")
+                        help="where runs and results go "
+                             "(default: the preset's output_dir, else saves/compare/<preset>)")
     parser.add_argument("--runs", default=None, help="comma-separated subset of the preset's run names")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing run")
     parser.add_argument("--overlap-eval", action="store_true",

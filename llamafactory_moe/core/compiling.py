@@ -3,8 +3,8 @@
 Every method's layer compiles with ``fullgraph=True`` (no graph break) in training, with aux-loss and routing windows
 open, and in eval (``tests/test_compile.py``). The one thing dynamo cannot decide alone is non-reentrant activation
 checkpointing (what LLaMA-Factory forces, see ``core/loss_window.py``): dynamo traces ``torch.utils.checkpoint`` as a
-higher-order op and, by default, refuses a side effect inside it (the layer's ``loss_window.record_term`` appending to the
-open window, SMoRA storing its per-step rank counts), because eager checkpointing would replay that side effect when
+higher-order op and, by default, refuses a side effect inside it (the layer's ``loss_window.record_term`` appending to
+the open window, SMoRA storing its per-step rank counts), because eager checkpointing would replay that side effect when
 it recomputes the forward during ``backward()``. Ours never replays: the recomputation runs after the trainer closed
 the window, so it records nothing (that is the window's design). Dynamo's
 ``skip_fwd_side_effects_in_bwd_under_checkpoint`` says exactly that: apply the forward's side effects once, do not

@@ -191,7 +191,8 @@ def resume(window: Optional[LossWindow]) -> None:
 def recording() -> bool:
     """Whether a forward running now contributes to the open window (aux terms, routing statistics, step statistics
     such as SMoRA's counts): a window is open and not paused by ``pause_unless_counted``. False for inference, eval and
-    checkpoint recomputation (no window) and for a no-grad pass of the policy inside a training step (KTO's KL batch)."""
+    checkpoint recomputation (no window) and for a no-grad pass of the policy inside a training step (KTO's KL
+    batch)."""
     window = _window
     return window is not None and not window.paused
 

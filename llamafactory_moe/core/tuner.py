@@ -19,9 +19,9 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import loss_window
-from .errors import MoeConfigError
 from .compiling import configure_dynamo
 from .config import MoeLoraConfig
+from .errors import MoeConfigError
 from .gloo_exit import register_exit_guard
 from .layer import MoeLoraLayer
 from .step_hooks import apply_optimizer_step_updates

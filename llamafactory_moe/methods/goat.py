@@ -6,7 +6,7 @@ Each wrapped linear W0 (out x in) gets E rank-r experts initialised from E segme
 
     W0 = U diag(sigma) V^T,  t = min(out, in) // E,  I_e = {e*t, ..., e*t + r - 1}       (top r triplets of block e)
     sigma~ = sigma_I / (s * rho),  A_e = diag(sqrt(sigma~_Ie)) V_Ie^T,  B_e = U_Ie diag(sqrt(sigma~_Ie))
-    W_res  = W0 - c * s * sum_e B_e^0 A_e^0                                 (c = 1/E: E[w_e] = 1/E under uniform routing)
+    W_res  = W0 - c * s * sum_e B_e^0 A_e^0                               (c = 1/E: E[w_e] = 1/E under uniform routing)
     p(x)   = softmax(W_g x),  w(x) = top-k of p(x) renormalised               (float32)
     y      = W_res x + s * sum_e w_e(x) * B_e A_e dropout(x)
     L_aux  = aux_loss_coef * E * sum_e f_e * P_e                             (Switch balance, summed over layers)

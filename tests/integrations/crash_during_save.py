@@ -4,9 +4,9 @@
 
 The kill point is deterministic: peft's `safe_save_file` (what `PeftModel.save_pretrained` writes
 adapter_model.safetensors with) is wrapped so that, for checkpoint-N, it writes the first half of the real file, syncs
-it to disk and sends SIGKILL to its own process, as a power cut or an OOM kill during a save would. A callback records
-the sha256 of every file of each earlier checkpoint right after it is saved (`hashes.json` in output_dir), so the test can
-prove the crash changed none of them.
+it to disk and sends SIGKILL to its own process, as a power cut or an OOM kill during a save would. A callback
+records the sha256 of every file of each earlier checkpoint right after it is saved (`hashes.json` in output_dir), so
+the test can prove the crash changed none of them.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
     python tests/integrations/run_exp_many.py plan.json                    # one process
     torchrun --nproc_per_node 2 tests/integrations/run_exp_many.py plan.json  # what FORCE_TORCHRUN=1 launches
 
-`plan.json` is `{"runs": [<LLaMA-Factory argument dict>, ...]}`. Each run calls `llamafactory.train.tuner.run_exp(args)`,
-the function LLaMA-Factory's launcher calls in every torchrun child, so the startup hook, the argument parser, the
-trainers and DeepSpeed behave as under the CLI. Running a method matrix in one interpreter pays the slow start-up
-(imports, process group, DeepSpeed's CPU communication op) once instead of once per method.
+`plan.json` is `{"runs": [<LLaMA-Factory argument dict>, ...]}`. Each run calls
+`llamafactory.train.tuner.run_exp(args)`, the function LLaMA-Factory's launcher calls in every torchrun child, so the
+startup hook, the argument parser, the trainers and DeepSpeed behave as under the CLI. Running a method matrix in one
+interpreter pays the slow start-up (imports, process group, DeepSpeed's CPU communication op) once instead of once per
+method.
 
 A probe callback writes into each run's output_dir, per rank R:
   * `probe_rank<R>.json`: world size, ZeRO stage, whether every MoE layer is a ZeRO-3 leaf module, the stored shard vs
@@ -124,7 +125,6 @@ def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     import torch.distributed as dist
-
     from llamafactory.train.tuner import run_exp
 
     # LLaMA-Factory destroys the default process group at the end of every run (train/tuner.py). The next run would

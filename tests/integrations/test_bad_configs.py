@@ -172,8 +172,8 @@ def test_a_mistake_known_only_when_the_model_is_built_is_one_line_too(tiny_model
     cfg = train_args(tiny_model, tiny_data, str(out), finetuning_type="goat", moe_num_experts=8, lora_rank=16)
     proc = run_cli(["llamafactory-cli", "train"], cfg, tmp_path, timeout=300)
     assert proc.returncode != 0
-    assert "llamafactory-moe: invalid configuration: `moe_num_experts` (8) times `lora_rank` (16) is 128" in proc.stderr, \
-        proc.stderr[-3000:]
+    expected = "llamafactory-moe: invalid configuration: `moe_num_experts` (8) times `lora_rank` (16) is 128"
+    assert expected in proc.stderr, proc.stderr[-3000:]
     assert "lower `lora_rank` / `moe_num_experts` or leave this module out of `lora_target`" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(out.glob("**/adapter_model.safetensors"))

@@ -29,8 +29,8 @@ def _save_adapter(base_config_overrides: dict, out: Path, tiny_model: str, **met
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llamafactory_moe.methods.moelora import MoeLoraConfig  # noqa: F401  (registers the type)
     from llamafactory_moe.core.peft_types import METHODS
+    from llamafactory_moe.methods.moelora import MoeLoraConfig  # noqa: F401  (registers the type)
 
     config = AutoConfig.from_pretrained(tiny_model)
     for key, value in base_config_overrides.items():

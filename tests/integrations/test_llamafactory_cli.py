@@ -1,6 +1,6 @@
 """The spine, end to end: stock `llamafactory-cli` (real subprocesses) trains, logs, saves, chats with and refuses to
-export a MoE-LoRA adapter; the startup hook can be disabled or fail without breaking stock LoRA. Resume and fresh-process
-reload, for every method, are in `test_resume.py`."""
+export a MoE-LoRA adapter; the startup hook can be disabled or fail without breaking stock LoRA. Resume and
+fresh-process reload, for every method, are in `test_resume.py`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def _assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_train_writes_peft_checkpoint_and_aux_logs(trained):
 
 
 def test_tensorboard_receives_the_moe_scalars(trained):
-    """`report_to: tensorboard` gets `lm_loss` and the `moe_*` terms every step, with the values of trainer_log.jsonl."""
+    """`report_to: tensorboard` gets `lm_loss` and the `moe_*` terms every step, with the values of
+    trainer_log.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, _, work = trained
@@ -111,7 +113,8 @@ def test_chat_model_with_only_adapter_path_answers(trained, tiny_model):
     responses = chat.chat([{"role": "user", "content": "add 1 and 2"}])
     assert len(responses) == 1
 
-    # Independent reference: the llama3 prompt written out by hand, base + adapter loaded by stock peft, greedy decoding.
+    # Independent reference: the llama3 prompt written out by hand, base + adapter loaded by stock peft, greedy
+    # decoding.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -123,7 +126,8 @@ def test_chat_model_with_only_adapter_path_answers(trained, tiny_model):
     with torch.no_grad():
         plain = base.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)[0, ids.shape[1]:]
         adapted = PeftModel.from_pretrained(base, str(out)).eval()
-        expected = adapted.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)[0, ids.shape[1]:]
+        expected = adapted.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
+                                    eos_token_id=stop)[0, ids.shape[1]:]
     assert responses[0].response_length == len(expected)
     assert responses[0].response_text == tokenizer.decode(expected, skip_special_tokens=True) != ""
     assert not torch.equal(plain, expected)  # the trained adapter changes the reply: the chat really used it
@@ -142,7 +146,8 @@ def test_export_of_routed_adapter_refuses_before_loading(trained, tiny_model, tm
 
 def _as_hub_cache(adapter_dir, cache_dir, repo_id: str, peft_type: str | None = None) -> None:
     """Lay `adapter_dir` out the way huggingface_hub caches a downloaded repo (refs/main -> snapshots/<commit>/...), so
-    the hub id resolves offline from `cache_dir` exactly as after a real download (optionally with another peft_type)."""
+    the hub id resolves offline from `cache_dir` exactly as after a real download (optionally with another
+    peft_type)."""
     import shutil
 
     owner, name = repo_id.split("/")
@@ -166,7 +171,8 @@ for name, source in (("hub", sys.argv[2]), ("local", sys.argv[3])):
     chat = ChatModel(dict(model_name_or_path=sys.argv[1], adapter_name_or_path=source, cache_dir=sys.argv[4],
                           template="llama3", max_new_tokens=4, do_sample=False))
     config = chat.engine.model.peft_config["default"]
-    replies[name] = [getattr(config, "method_name", None), chat.chat([{"role": "user", "content": "add 1 and 2"}])[0].response_text]
+    reply = chat.chat([{"role": "user", "content": "add 1 and 2"}])[0].response_text
+    replies[name] = [getattr(config, "method_name", None), reply]
 print("REPLIES=" + json.dumps(replies))
 """
 
@@ -188,7 +194,8 @@ def test_an_adapter_named_by_its_hub_id_is_recognised_as_ours(trained, tiny_mode
     assert "Traceback" not in proc.stderr and not (tmp_path / "exported").exists()
     # Not ours by its config: our refusal stays silent (LLaMA-Factory's own LoRA path then handles it, and fails on
     # weights that are not LoRA's — what matters here is that the decision came from the adapter's config).
-    proc = run_cli(["llamafactory-cli", "export"], {**export, "adapter_name_or_path": "someone/labelled-lora"}, tmp_path)
+    proc = run_cli(["llamafactory-cli", "export"], {**export, "adapter_name_or_path": "someone/labelled-lora"},
+                   tmp_path)
     assert "`export_dir`" not in proc.stderr, proc.stderr[-3000:]
 
     proc = subprocess.run([sys.executable, "-c", _CHAT_SCRIPT, tiny_model, "someone/moelora-adapter", str(out),

@@ -6,9 +6,10 @@ Precision settings are the ones training uses:
 * fp32 and bf16: the whole model in that dtype (bf16 = LLaMA-Factory's `pure_bf16`),
 * fp16: base model in fp16, adapters in fp32 (LLaMA-Factory casts trainable parameters to fp32), under
   `torch.autocast("cpu", torch.float16)`, as HF's fp16 training does on a GPU (on CPU, accelerate runs `fp16: true`
-  without autocast or a grad scaler; the layer test uses autocast to exercise the GPU's mixed path). fp16's range (65504) bounds what an adapter may
-  output: the adapters here are random at 0.01 scale — 0.1 (used for fp32/bf16) overflows fp16 in the expert product
-  B(Ax) itself at 1e4 activations, which is the format's range, not a router failure.
+  without autocast or a grad scaler; the layer test uses autocast to exercise the GPU's mixed path). fp16's range
+  (65504) bounds what an adapter may output: the adapters here are random at 0.01 scale — 0.1 (used for fp32/bf16)
+  overflows fp16 in the expert product B(Ax) itself at 1e4 activations, which is the format's range, not a router
+  failure.
 """
 
 from __future__ import annotations
@@ -129,8 +130,8 @@ def test_bf16_and_fp16_training_for_every_method(tiny_model, tiny_data, tmp_path
     for case_id, method, lf_keys in _one_case_per_method():
         for precision, extra in (("bf16", dict(bf16=True, use_cpu=True)), ("fp16", dict(fp16=True))):
             runs.append(train_args(tiny_model, tiny_data, str(tmp_path / f"{case_id}-{precision}"), **{
-                "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None, "max_steps": 2,
-                "save_steps": 1, **extra,
+                "finetuning_type": method, "moe_num_experts": None, "moe_top_k": None, "lora_rank": None,
+                "max_steps": 2, "save_steps": 1, **extra,
                 **lf_keys}))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"runs": runs}))

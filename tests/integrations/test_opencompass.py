@@ -97,7 +97,8 @@ def test_first_label_match_ignore_case():
 
 
 def test_flan_em_is_case_insensitive_with_string_targets():
-    result = _oc().FlanEMEvaluator().score(["Yes", "it's impossible to say", "no"], ["yes", "It's impossible to say", "yes"])
+    result = _oc().FlanEMEvaluator().score(["Yes", "it's impossible to say", "no"],
+                                           ["yes", "It's impossible to say", "yes"])
     assert result["score"] == pytest.approx(200 / 3)
 
 

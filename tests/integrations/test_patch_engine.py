@@ -65,7 +65,8 @@ def _imports(path: Path) -> list[str]:
 def test_patching_imports_nothing_of_ours():
     path = INTEGRATIONS_DIR / "patching.py"
     ours = [m for m in _imports(path) if m == "llamafactory_moe" or m.startswith("llamafactory_moe.")]
-    relative = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) and node.level]
+    relative = [node for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level]
     assert not ours and not relative, (ours, relative)
     # and at run time: only the package inits on the way are loaded (the startup .pth loads _autoload, which loads the
     # standard-library-only `errors` for its warning printer), nothing heavy

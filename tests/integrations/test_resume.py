@@ -104,7 +104,8 @@ def _run_plan(runs: list[dict], path: Path) -> subprocess.CompletedProcess:
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
 
 
 def _hashes(directory: Path) -> dict[str, str]:
@@ -143,7 +144,8 @@ def runs(tiny_model, tiny_data, tmp_path_factory):
                           **{"moe_num_experts": None, "moe_top_k": None, "lora_rank": None, **schedule, **keys, **over})
 
     ref = {c: config(c, m, k, "ref", warmup_steps=0) for c, m, k in CASES}
-    # Negative control: what a run that ignores `resume_from_checkpoint` produces (the resumed runs' config, from step 0).
+    # Negative control: what a run that ignores `resume_from_checkpoint` produces (the resumed runs' config, from
+    # step 0).
     scratch = {c: config(c, m, k, "scratch", warmup_steps=2) for c, m, k in CASES}
     _ok(_run_plan(list(ref.values()) + list(scratch.values()), work / "plan_ref.json"))
 

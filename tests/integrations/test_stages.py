@@ -178,7 +178,8 @@ def _runner_main(plan_path: str) -> None:
 def stage_runs(tiny_model, stage_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     cases = _implemented_cases(one_per_method=not FULL_MATRIX)
-    runs = {(case_id, stage): _stage_args(stage, method, lf_keys, tiny_model, stage_data, str(root / f"{stage}-{case_id}"))
+    runs = {(case_id, stage): _stage_args(stage, method, lf_keys, tiny_model, stage_data,
+                                          str(root / f"{stage}-{case_id}"))
             for case_id, method, lf_keys in cases for stage in STAGES}
     plan = root / "plan.json"
     plan.write_text(json.dumps({"runs": list(runs.values())}))

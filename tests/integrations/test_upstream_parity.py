@@ -12,8 +12,6 @@ at the isinstance check).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -199,8 +199,9 @@ def _force_non_reentrant_checkpointing(model_args, raw: dict, method: str) -> No
     if raw.get("use_reentrant_gc") in (True, "true", "True", 1):
         raise MoeConfigError("use_reentrant_gc", raw["use_reentrant_gc"],
                              "is not supported: reentrant checkpointing runs the checkpointed forward without a graph, "
-                             "which drops the gradient of in-layer auxiliary losses", "remove the key (llamafactory-moe "
-                             "uses non-reentrant checkpointing for every method) or set it to false", method=method)
+                             "which drops the gradient of in-layer auxiliary losses",
+                             "remove the key (llamafactory-moe uses non-reentrant checkpointing for every method) or "
+                             "set it to false", method=method)
     model_args.use_reentrant_gc = False
 
 

@@ -12,7 +12,8 @@ from ...core.errors import MoeConfigError
 
 
 def install_process_hooks() -> None:
-    """Once per process: print MoeConfigError as one line (no traceback) and route our INFO logs like LLaMA-Factory's."""
+    """Once per process: print MoeConfigError as one line (no traceback) and route our INFO logs like
+    LLaMA-Factory's."""
     if getattr(sys.excepthook, "_llamafactory_moe", False):
         return
     previous = sys.excepthook

@@ -16,7 +16,6 @@ from ...analysis.statistics import accumulate, expert_similarity, model_expert_v
 from ..patching import Patch
 from .common import VERIFIED
 
-
 ROUTING_METRICS = ("moe_load_cv", "moe_router_entropy", "moe_dropped_expert_frac", "moe_inactive_expert_frac",
                    "moe_expert_similarity")
 ROUTING_LOG = "moe_routing_log.jsonl"
