@@ -32,6 +32,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile-rounds", type=int, default=3, help="--compile: timing rounds (the spread is over rounds)")
     p.add_argument("--compile-train", action="store_true", help="--compile: also the compiled whole-model train step")
     p.add_argument("--compile-skip-layers", action="store_true", help="--compile: skip the single-layer part")
+    p.add_argument("--compile-generate", action="store_true",
+                   help="compiled generation (bench/compiled_generate.py): greedy generate() with a static KV cache and "
+                        "the forward compiled (inductor, fullgraph) beside compiled LoRA, tokens/s per round with the "
+                        "eager tokens/s and the first-call (compile) time; --gen-reps repetitions per round, "
+                        "--compile-rounds rounds, --new-tokens")
     return p.parse_args(argv)
 
 
@@ -49,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     command = "python -m llamafactory_moe.bench " + shlex.join(argv)
+    if args.compile_generate:
+        from .compiled_generate import run_compiled_generate, to_markdown_compiled_generate
+
+        result = run_compiled_generate(settings_from(args), rounds=args.compile_rounds)
+        result["command"] = command
+        markdown = to_markdown_compiled_generate(
+            result, header=f"## llamafactory-moe compiled generation benchmark\n\nCommand: `{command}`")
+        print(markdown)
+        if args.out:
+            write(result, markdown, args.out + ".md", args.out + ".json")
+        return 1 if result["errors"] else 0
     if args.compile:
         from .compiled import run_compiled, to_markdown_compiled
 
