@@ -26,16 +26,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default=None, help="write <OUT>.md and <OUT>.json")
-    p.add_argument("--compile", action="store_true", help="compiled mode (bench/compiled.py): each wrapped layer under "
-                                                          "torch.compile(fullgraph=True, inductor) beside compiled LoRA: "
-                                                          "fwd+bwd time, generated kernels, compile time")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled mode (bench/compiled.py): each wrapped layer under torch.compile(fullgraph=True, "
+                        "inductor) beside compiled LoRA: fwd+bwd time, generated kernels, compile time")
     p.add_argument("--compile-rounds", type=int, default=3, help="--compile: timing rounds (the spread is over rounds)")
     p.add_argument("--compile-train", action="store_true", help="--compile: also the compiled whole-model train step")
     p.add_argument("--compile-skip-layers", action="store_true", help="--compile: skip the single-layer part")
     p.add_argument("--compile-generate", action="store_true",
-                   help="compiled generation (bench/compiled_generate.py): greedy generate() with a static KV cache and "
-                        "the forward compiled (inductor, fullgraph) beside compiled LoRA, tokens/s per round with the "
-                        "eager tokens/s and the first-call (compile) time; --gen-reps repetitions per round, "
+                   help="compiled generation (bench/compiled_generate.py): greedy generate() with a static KV cache "
+                        "and the forward compiled (inductor, fullgraph) beside compiled LoRA, tokens/s per round with "
+                        "the eager tokens/s and the first-call (compile) time; --gen-reps repetitions per round, "
                         "--compile-rounds rounds, --new-tokens")
     return p.parse_args(argv)
 
@@ -50,35 +50,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings.for_tiny(**overrides) if args.tiny else Settings(**overrides)
 
 
+def _run_mode(args: argparse.Namespace):
+    """(result, its markdown writer, the table's title) of the mode the flags select."""
+    settings = settings_from(args)
+    if args.compile_generate:
+        from .compiled_generate import run_compiled_generate, to_markdown_compiled_generate
+
+        return (run_compiled_generate(settings, rounds=args.compile_rounds), to_markdown_compiled_generate,
+                "compiled generation benchmark")
+    if args.compile:
+        from .compiled import run_compiled, to_markdown_compiled
+
+        result = run_compiled(settings, rounds=args.compile_rounds, train=args.compile_train,
+                              shapes=() if args.compile_skip_layers else None)
+        return result, to_markdown_compiled, "compiled benchmark"
+    return analyse(run(settings)), to_markdown, "benchmark"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     command = "python -m llamafactory_moe.bench " + shlex.join(argv)
-    if args.compile_generate:
-        from .compiled_generate import run_compiled_generate, to_markdown_compiled_generate
-
-        result = run_compiled_generate(settings_from(args), rounds=args.compile_rounds)
-        result["command"] = command
-        markdown = to_markdown_compiled_generate(
-            result, header=f"## llamafactory-moe compiled generation benchmark\n\nCommand: `{command}`")
-        print(markdown)
-        if args.out:
-            write(result, markdown, args.out + ".md", args.out + ".json")
-        return 1 if result["errors"] else 0
-    if args.compile:
-        from .compiled import run_compiled, to_markdown_compiled
-
-        result = run_compiled(settings_from(args), rounds=args.compile_rounds, train=args.compile_train,
-                              shapes=() if args.compile_skip_layers else None)
-        result["command"] = command
-        markdown = to_markdown_compiled(result, header=f"## llamafactory-moe compiled benchmark\n\nCommand: `{command}`")
-        print(markdown)
-        if args.out:
-            write(result, markdown, args.out + ".md", args.out + ".json")
-        return 1 if result["errors"] else 0
-    result = analyse(run(settings_from(args)))
+    result, to_md, title = _run_mode(args)
     result["command"] = command
-    markdown = to_markdown(result, header=f"## llamafactory-moe benchmark\n\nCommand: `{command}`")
+    markdown = to_md(result, header=f"## llamafactory-moe {title}\n\nCommand: `{command}`")
     print(markdown)
     if args.out:
         write(result, markdown, args.out + ".md", args.out + ".json")

@@ -14,7 +14,7 @@ A method that is implemented but missing from ``BENCH_CASES`` is listed in the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 # The shared budget: 4 experts of rank 8 (total rank 32), 2 active per token, no dropout (timings only).
 BUDGET_TOTAL_RANK = 32
@@ -100,6 +100,17 @@ BENCH_CASES: dict[str, list[BenchCase]] = {
     "moslora": [BenchCase("moslora", "moslora", dict(expert_rank=32, expert_dropout=0.0), total_rank=32,
                           experts_fields=(), note="rank 32 with a 32 x 32 mixer, no experts")],
 }
+
+
+def selected_cases(requested: Optional[Sequence[str]]) -> tuple[list[str], list[BenchCase], list[str]]:
+    """What every benchmark mode runs for ``--methods``: the methods (default: every registered one), their cases, and
+    the methods that have no benchmark config."""
+    from ..core.peft_types import METHODS, register_all_methods
+
+    register_all_methods()
+    methods = list(requested) if requested else list(METHODS)
+    cases, missing = cases_for(methods)
+    return methods, cases, missing
 
 
 def cases_for(methods: list[str]) -> tuple[list[BenchCase], list[str]]:

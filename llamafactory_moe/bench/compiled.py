@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import BenchCase, cases_for
+from .cases import BenchCase, selected_cases
 from .measure import Timer, interleaved_times
 from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, build_config, layer_fwd_bwd, modifies_base, shared_copy,
                         smollm2, tiny_llama, train_variant, wrap)
@@ -101,12 +101,9 @@ def run_compiled(settings, rounds: int = 3, shapes: Optional[tuple] = None, trai
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    from ..core.peft_types import METHODS, register_all_methods
     from .runner import lora_label, machine_info
 
-    register_all_methods()
-    methods = list(settings.methods) if settings.methods else list(METHODS)
-    cases, missing = cases_for(methods)
+    methods, cases, missing = selected_cases(settings.methods)
     if shapes is None:
         shapes = ((settings.layer_dim, settings.layer_dim),) if settings.tiny else SMOLLM2_SHAPES
     tokens = settings.batch_size * settings.seq_len
@@ -232,7 +229,8 @@ def to_markdown_compiled(result: dict, header: str = "") -> str:
         f"Model shapes: {result['model']}; device {m['device']}, {s['threads']} torch thread(s); CPU {m['cpu_model']}, "
         f"nproc {m['nproc']}, torch {m['torch']}; load average at start {m.get('load_average_at_start')}.",
         f"Single wrapped layer, training forward + aux loss + backward on {s['tokens']} tokens ({s['batch_size']} x "
-        f"{s['seq_len']}), `torch.compile(fullgraph=True)`, inductor, FX-graph and AOTAutograd caches off (C++ build cache on). Times: {s['rounds']} rounds of "
+        f"{s['seq_len']}), `torch.compile(fullgraph=True)`, inductor, FX-graph and AOTAutograd caches off (C++ build "
+        f"cache on). Times: {s['rounds']} rounds of "
         f"{s['reps']} interleaved repetitions of every compiled and eager variant; ratio = per-round median / "
         "compiled LoRA's, shown as median [min-max over rounds]. Verdict: pass if the whole spread meets the target, "
         "MISS if all of it misses, otherwise within noise. Generated kernels: inductor's generated_kernel_count over "
@@ -256,7 +254,8 @@ def to_markdown_compiled(result: dict, header: str = "") -> str:
                 lines.append(f"| {label} | {base_label} | error | | | | |")
                 continue
             k_ratio = entry["kernels"] / base["kernels"] if base.get("kernels") else None
-            k_cell = f"{entry['kernels']} ({base.get('kernels')}) = {k_ratio:.2f}x" if k_ratio else str(entry["kernels"])
+            k_cell = (f"{entry['kernels']} ({base.get('kernels')}) = {k_ratio:.2f}x" if k_ratio
+                      else str(entry["kernels"]))
             if label in lora and k_ratio is not None:
                 k_cell += " pass" if k_ratio <= KERNELS_VS_LORA else " **MISS**"
             t_stats = _ratio_stats(entry.get("compiled_s", []), base.get("compiled_s", []))

@@ -1,4 +1,5 @@
-"""``--compile-generate``: greedy decoding with a static KV cache and a compiled forward, every method beside stock LoRA.
+"""``--compile-generate``: greedy decoding with a static KV cache and a compiled forward, every method beside stock
+LoRA.
 
 What transformers documents for compiled generation: ``generate(..., cache_implementation="static",
 compile_config=CompileConfig(...))``. The prompt (prefill) runs eagerly; every decode step after it calls the model's
@@ -29,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import BenchCase, cases_for
+from .cases import BenchCase, selected_cases
 from .compiled import _fresh_inductor
 from .measure import Timer, interleaved_times
 from .workloads import (LLAMA_LINEAR_TARGETS, build_config, generate_fn, modifies_base, shared_copy, smollm2,
@@ -44,7 +45,8 @@ def _log(message: str) -> None:
 
 def compile_config(backend: str = "inductor", mode: Optional[str] = "reduce-overhead", fullgraph: bool = True):
     """transformers' ``CompileConfig`` for ``generate()``, opted in on every device (transformers compiles on CUDA only
-    by default). ``reduce-overhead`` is transformers' default mode (CUDA graphs on GPU; on CPU inductor's plain code)."""
+    by default). ``reduce-overhead`` is transformers' default mode (CUDA graphs on GPU; on CPU inductor's plain
+    code)."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=fullgraph, backend=backend, mode=mode)
@@ -79,13 +81,10 @@ def run_compiled_generate(settings, rounds: int = 3) -> dict:
     started = time.perf_counter()
     torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    from ..core.peft_types import METHODS, register_all_methods
     from .runner import lora_label, machine_info
 
-    register_all_methods()
+    methods, cases, missing = selected_cases(settings.methods)
     machine = machine_info(device)
-    methods = list(settings.methods) if settings.methods else list(METHODS)
-    cases, missing = cases_for(methods)
     ranks = sorted({c.total_rank for c in cases})
     labels: list[tuple[str, Optional[BenchCase], Optional[int]]] = [(lora_label(r), None, r) for r in ranks]
     labels += [(c.label, c, None) for c in cases]
@@ -219,8 +218,8 @@ def to_markdown_compiled_generate(result: dict, header: str = "") -> str:
         e_tok = new_tokens / statistics.median(entry["eager_s"])
         verdict = f" {_verdict_at_least(c_stats, GENERATE_VS_LORA)}" if label in lora else ""
         lines.append(f"| {label} | {base_label} | {c_tok:.1f} | {_fmt(c_stats)}{verdict} | {e_tok:.1f} | "
-                     f"{_fmt(e_stats)} | {_fmt(speedup)} | {entry['first_call_s']:.0f} s | {entry['graphs_compiled']} / "
-                     f"{entry['graph_breaks']} / {entry['graphs_second_call']} | "
+                     f"{_fmt(e_stats)} | {_fmt(speedup)} | {entry['first_call_s']:.0f} s | "
+                     f"{entry['graphs_compiled']} / {entry['graph_breaks']} / {entry['graphs_second_call']} | "
                      f"{'yes' if entry['same_tokens_as_eager'] else 'NO'} |")
     lines.append("")
     lines.append(f"Graphs compiled during the timed rounds (recompilations): {result['graphs_during_timing']}.")

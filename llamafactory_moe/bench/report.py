@@ -124,7 +124,8 @@ def _comparison_table(result: dict, key: str, title: str) -> list[str]:
         syncs = result["variants"][label].get("host_syncs")
         sync_text = "none" if syncs == {} else ("?" if syncs is None else
                                                  "**" + ", ".join(f"{k} x{v}" for k, v in syncs.items()) + "**")
-        target_note = "" if case["targets"]["train_step"] == 1.15 else f" (train target {case['targets']['train_step']}x)"
+        train_target = case["targets"]["train_step"]
+        target_note = "" if train_target == 1.15 else f" (train target {train_target}x)"
         lines.append(f"| {label}{target_note} | {comparison['baseline']} | "
                      + " | ".join(_cell(comparison, m) for m in METRICS) + f" | {sync_text} |")
     return lines
@@ -133,7 +134,8 @@ def _comparison_table(result: dict, key: str, title: str) -> list[str]:
 def _context_table(result: dict) -> list[str]:
     experts = result["settings"]["ops_experts"]
     lines = ["### Absolute numbers (context only: a noisy shared machine)", "",
-             "| variant | trainable params | train step ms median (min) | layer fwd+bwd ms median (min) | peak memory MB | "
+             "| variant | trainable params | train step ms median (min) | layer fwd+bwd ms median (min) | "
+             "peak memory MB | "
              f"generate tok/s | kernel ops (E={experts[0]} / E={experts[1]}) | all aten ops |",
              "|---|---|---|---|---|---|---|---|"]
     for label, v in result["variants"].items():
@@ -183,7 +185,8 @@ def to_markdown(result: dict, header: str = "") -> str:
     ]
     lines += _comparison_table(result, "vs_rank", "Ratios to rank-matched LoRA (rank = the method's total rank)")
     lines += [""]
-    lines += _comparison_table(result, "vs_params", "Ratios to parameter-matched LoRA (closest trainable-parameter count)")
+    lines += _comparison_table(result, "vs_params",
+                               "Ratios to parameter-matched LoRA (closest trainable-parameter count)")
     lines += [""]
     lines += _context_table(result)
     lines += ["", "### Extra kernel ops per layer forward + backward vs LoRA (at the larger E)", ""]

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import BenchCase, cases_for
+from .cases import BenchCase, selected_cases
 from .measure import (CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, AtenOpCounter, Timer, interleaved_times,
                       step_peak_bytes)
 from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, LinearStack, build_config, generate_fn, layer_fwd_bwd,
@@ -111,11 +111,7 @@ def run(settings: Settings) -> dict:
     device = torch.device(settings.device)
     import peft  # noqa: F401  (first: its import hook registers the methods, which import core)
 
-    from ..core.peft_types import METHODS, register_all_methods
-
-    register_all_methods()
-    methods = list(settings.methods) if settings.methods else list(METHODS)
-    cases, missing = cases_for(methods)
+    methods, cases, missing = selected_cases(settings.methods)
     errors = _Errors()
     variants: dict[str, dict] = {}
 
