@@ -20,12 +20,42 @@ def top_k_keep_bias(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """``(N, E)``: 0 on each token's ``top_k`` highest scores, -inf elsewhere (no gradient). ``exp()`` of it is the
     float 0/1 selection mask.
 
-    A stable descending sort breaks ties by expert index on every device (torch.topk's tie order is unspecified), so
-    routing of equal scores is reproducible; E is small, so sorting costs what topk does.
+    The selection is that of a stable descending sort: ties go to the lower expert index on every device
+    (torch.topk's tie order is unspecified), so routing of equal scores is reproducible; NaN ranks above every number
+    (as in torch.sort), NaNs among themselves by index. Two forms give the same mask (``tests/core/test_routing_topk.py``):
+
+    * eager: ``argsort`` + ``scatter``, two ops whatever E (a pairwise rank would be ~10 eager ops and an
+      ``(N, E, E)`` temporary);
+    * under ``torch.compile``: the pairwise rank (``pairwise_rank``), because inductor cannot fuse a sort: it calls
+      aten's ``sort`` as a fallback and the scatter into a ``full(-inf)`` costs two more loop nests, while the
+      pairwise rank is one broadcast compare + sum that inductor fuses into the router's softmax loop nest (never
+      materialising the ``(N, E, E)`` compare).
     """
     with torch.no_grad():
+        if torch.compiler.is_compiling():
+            keep = pairwise_rank(scores) < top_k
+            return torch.where(keep, 0.0, float("-inf")).to(scores.dtype)
         top_indices = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :top_k]
         return torch.full_like(scores, float("-inf")).scatter_(-1, top_indices, 0.0)
+
+
+def pairwise_rank(scores: torch.Tensor) -> torch.Tensor:
+    """``(..., E)`` int64: each score's position in a stable descending sort of its row (0 = highest), without sorting.
+
+    ``rank_e = #{j : s_j > s_e} + #{j < e : s_j == s_e}``: the experts ahead of ``e`` are the strictly higher ones and
+    the equal ones of lower index, which is where a stable descending sort puts them. NaN counts as higher than every
+    number and equal to NaN (torch.sort's order). One ``(..., E, E)`` broadcast compare reduced over the last axis:
+    pointwise work that inductor fuses (and unrolls for E <= 8), where a sort is an unfusable fallback call.
+    """
+    num_experts = scores.shape[-1]
+    other, own = scores.unsqueeze(-2), scores.unsqueeze(-1)  # s_j along the last axis, s_e along the one before
+    other_nan, own_nan = torch.isnan(other), torch.isnan(own)
+    index = torch.arange(num_experts, device=scores.device)
+    lower_index = index.unsqueeze(0) < index.unsqueeze(1)  # (E, E): [e, j] = j < e
+    # A compare with NaN is false: NaN is higher than a number by its flag, equal to NaN by both flags.
+    higher = (other > own) | (other_nan & ~own_nan)
+    tied = (other == own) | (other_nan & own_nan)
+    return (higher | (tied & lower_index)).sum(dim=-1)
 
 
 def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True,
