@@ -22,7 +22,8 @@ def top_k_keep_bias(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
     The selection is that of a stable descending sort: ties go to the lower expert index on every device
     (torch.topk's tie order is unspecified), so routing of equal scores is reproducible; NaN ranks above every number
-    (as in torch.sort), NaNs among themselves by index. Two forms give the same mask (``tests/core/test_routing_topk.py``):
+    (as in torch.sort), NaNs among themselves by index. Two forms give the same mask
+    (``tests/core/test_routing_topk.py``):
 
     * eager: ``argsort`` + ``scatter``, two ops whatever E (a pairwise rank would be ~10 eager ops and an
       ``(N, E, E)`` temporary);
@@ -56,6 +57,30 @@ def pairwise_rank(scores: torch.Tensor) -> torch.Tensor:
     higher = (other > own) | (other_nan & ~own_nan)
     tied = (other == own) | (other_nan & own_nan)
     return (higher | (tied & lower_index)).sum(dim=-1)
+
+
+def top_k_one_hot(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(..., E, top_k)`` bool: ``[e, r]`` is True where expert ``e`` is a row's ``r``-th highest score, in the order
+    of a stable descending sort (ties to the lower index, NaN first). For compiled code: ``pairwise_rank == r``,
+    which inductor fuses, where a sort is an aten fallback call. ``(one_hot * arange(E)[:, None]).sum(-2)`` are the
+    indices, ``one_hot.any(-1)`` the kept mask, ``(values[..., None] * one_hot).sum(-2)`` a gather in rank order."""
+    with torch.no_grad():
+        ranks = torch.arange(top_k, device=scores.device)
+        return pairwise_rank(scores).unsqueeze(-1) == ranks
+
+
+def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(..., top_k)`` int64: the positions of each row's ``top_k`` highest scores, highest first, in the order of a
+    stable descending sort (ties to the lower index, NaN first) — ``argsort(descending, stable)[..., :top_k]``.
+
+    Under ``torch.compile`` the indices come from ``top_k_one_hot`` instead of a sort (see ``top_k_keep_bias`` for
+    why); eager keeps the sort: one op.
+    """
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            experts = torch.arange(scores.shape[-1], device=scores.device)
+            return (top_k_one_hot(scores, top_k) * experts.unsqueeze(-1)).sum(dim=-2)
+        return torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :top_k]
 
 
 def softmax_top_k(router_logits: torch.Tensor, top_k: Optional[int], renormalize: bool = True,

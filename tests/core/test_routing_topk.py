@@ -1,5 +1,5 @@
-"""The top-k selection of ``core.routing``: eager (argsort + scatter) and compiled (pairwise rank) forms give the mask of
-a straightforward stable descending sort written here (ties to the lower expert index, NaN above every number), on
+"""The top-k selection of ``core.routing``: eager (argsort + scatter) and compiled (pairwise rank) forms give the mask
+of a straightforward stable descending sort written here (ties to the lower expert index, NaN above every number), on
 random scores, on scores with many ties and on scores with NaN / +-inf, for several E and k."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def reference_ranks(scores: torch.Tensor) -> torch.Tensor:
     """Each score's position in its row sorted descending by a stable sort (Python's ``sorted``), NaN first."""
     ranks = torch.empty(scores.shape, dtype=torch.int64)
     for n, row in enumerate(scores.tolist()):
-        # Stable: equal keys keep their index order. NaN (key 0) precedes every number (key 1), then by value, high first.
+        # Stable: equal keys keep their index order. NaN (key 0) precedes every number (key 1), then high values first.
         order = sorted(range(len(row)), key=lambda e: (0, 0.0) if math.isnan(row[e]) else (1, -row[e]))
         for position, e in enumerate(order):
             ranks[n, e] = position
@@ -41,7 +41,7 @@ def make_scores(kind: str, num_experts: int, num_tokens: int = 64, seed: int = 0
     return scores
 
 
-CASES = [(e, k) for e in (1, 2, 4, 7, 8, 9, 16, 32) for k in sorted({1, 2, e // 2 or 1, e - 1 or 1, e})]
+CASES = [(e, k) for e in (1, 2, 4, 7, 8, 9, 16, 32) for k in sorted({1, min(2, e), e // 2 or 1, e - 1 or 1, e})]
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
@@ -80,3 +80,28 @@ def test_compiled_softmax_top_k_selects_like_eager_on_ties():
     assert torch.equal(compiled[2], eager[2])  # the same experts, bit for bit
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def reference_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.argsort(reference_ranks(scores), dim=-1)[..., :top_k]  # the expert at position 0, 1, ..
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+def test_top_k_indices_and_one_hot_match_the_reference(kind):
+    for num_experts, top_k in CASES:
+        scores = make_scores(kind, num_experts)
+        want = reference_indices(scores, top_k)
+        assert torch.equal(routing.top_k_indices(scores, top_k), want), (num_experts, top_k)
+        one_hot = routing.top_k_one_hot(scores, top_k)  # the compiled path's building block, run eagerly
+        assert torch.equal(one_hot.float().argmax(dim=-2), want)
+        assert torch.equal(one_hot.sum(dim=-2), torch.ones_like(want, dtype=torch.int64))  # one expert per rank
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (9, 3), (32, 8)])
+def test_compiled_top_k_indices_match_the_reference(kind, num_experts, top_k):
+    torch._dynamo.reset()
+    select = torch.compile(lambda t: routing.top_k_indices(t, top_k), backend="inductor", fullgraph=True,
+                           dynamic=False)
+    scores = make_scores(kind, num_experts).view(8, 8, num_experts)  # (N, P, E) as S'MoRE's gates use it
+    assert torch.equal(select(scores), reference_indices(scores.flatten(0, 1), top_k).view(8, 8, top_k))
