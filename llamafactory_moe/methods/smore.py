@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, aux_loss, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
 from ..core.experts import gather_experts
-from ..core.routing import cv_squared, record_routing, switch_balance_loss, top_k_indices, top_k_one_hot
+from ..core.routing import (cv_squared, pairwise_rank_fuses, record_routing, switch_balance_loss, top_k_indices,
+                            top_k_one_hot)
 
 GATE_TYPES = ("switch", "noisy_topk", "dense")
 GATE_ARCHS = ("mlp", "linear")
@@ -492,7 +493,7 @@ class SMoRELayer(MoeLoraLayer):
             else:  # switch: top-k of the softmax, renormalised if k > 1
                 # The softmax is monotonic: the logits sort like the probabilities. Ties go to the lower index.
                 chosen = None
-                if torch.compiler.is_compiling():
+                if pairwise_rank_fuses(num_experts):
                     # Sort-free, fusable (core.routing.top_k_one_hot): one one-hot [e, r] = "e is the r-th highest"
                     # gives the indices, the kept mask and the kept scores in rank order (a sum over e, not a gather,
                     # whose backward would be a scatter). The same selection as the eager sort; the renormalised

@@ -1,6 +1,6 @@
-"""The top-k selection of ``core.routing``: eager (argsort + scatter) and compiled (pairwise rank) forms give the mask
-of a straightforward stable descending sort written here (ties to the lower expert index, NaN above every number), on
-random scores, on scores with many ties and on scores with NaN / +-inf, for several E and k."""
+"""The top-k selection of ``core.routing``: eager (argsort + scatter) and compiled (pairwise rank for E < 8) forms give
+the mask of a straightforward stable descending sort written here (ties to the lower expert index, NaN above every
+number), on random scores, on scores with many ties and on scores with NaN / +-inf, for several E and k."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_eager_top_k_keep_bias_matches_the_reference(kind):
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
-@pytest.mark.parametrize("num_experts,top_k", [(2, 1), (4, 2), (8, 3), (9, 4), (32, 8)])
+@pytest.mark.parametrize("num_experts,top_k", [(2, 1), (4, 2), (7, 3), (8, 3), (32, 8)])  # pairwise: E < 8
 def test_compiled_top_k_keep_bias_matches_the_reference(kind, num_experts, top_k):
     torch._dynamo.reset()  # a fresh compile per case (the shapes and k differ)
 
@@ -98,7 +98,7 @@ def test_top_k_indices_and_one_hot_match_the_reference(kind):
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "special"])
-@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (9, 3), (32, 8)])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 2), (7, 3), (9, 3)])
 def test_compiled_top_k_indices_match_the_reference(kind, num_experts, top_k):
     torch._dynamo.reset()
     select = torch.compile(lambda t: routing.top_k_indices(t, top_k), backend="inductor", fullgraph=True,
