@@ -16,8 +16,8 @@ Layer tests (a ``Linear(24, 20)`` wrapped by peft, adapters randomised so nothin
   window, so nothing is recorded and SMoRA counts nothing, compiled as in eager.
 
 Each mode compiles exactly one graph (``CompileCounterWithBackend``: one frame across the three token counts), and the
-compiled layer reproduces the eager one to 1e-5 (fp32): output, input gradient, every parameter gradient, every aux term,
-every routing summary, SMoRA's step counts and bias after the update, and the parameters after the steps.
+compiled layer reproduces the eager one to 1e-5 (fp32): output, input gradient, every parameter gradient, every aux
+term, every routing summary, SMoRA's step counts and bias after the update, and the parameters after the steps.
 
 The full matrix uses backend ``aot_eager`` (dynamo + AOTAutograd: the joint graph inductor receives, without C++ code
 generation, which costs ~10-30 s per graph on this 2-core CPU). Inductor itself runs one case per routed method family
@@ -344,8 +344,8 @@ def test_llamafactory_run_exp_trains_every_method_compiled(tiny_model, tiny_data
         if method in METHODS and method != "moelora":
             first.setdefault(method, lf_keys)
     common = dict(max_steps=3, moe_num_experts=None, moe_top_k=None, lora_rank=None)
-    runs = {method: train_args(tiny_model, tiny_data, str(tmp_path / method), finetuning_type=method, torch_compile=True,
-                               torch_compile_backend="aot_eager", **{**common, **keys})
+    runs = {method: train_args(tiny_model, tiny_data, str(tmp_path / method), finetuning_type=method,
+                               torch_compile=True, torch_compile_backend="aot_eager", **{**common, **keys})
             for method, keys in first.items()}
     runs["smora-eager"] = train_args(tiny_model, tiny_data, str(tmp_path / "smora-eager"), finetuning_type="smora",
                                      **{**common, **first["smora"]})
@@ -358,7 +358,8 @@ def test_llamafactory_run_exp_trains_every_method_compiled(tiny_model, tiny_data
     for name in runs:
         out = tmp_path / name
         assert len(_logged_steps(out)) == 3, name
-        initial, final = load_file(str(out / "initial_rank0.safetensors")), load_file(str(out / "final_rank0.safetensors"))
+        initial = load_file(str(out / "initial_rank0.safetensors"))
+        final = load_file(str(out / "final_rank0.safetensors"))
         assert any(not torch.equal(initial[k], final[k]) for k in final), f"{name}: the adapter did not train"
         if name == "smora-eager":
             continue
@@ -380,8 +381,8 @@ def test_bench_compiled_mode_reports_kernels_and_spread(tmp_path):
     """``python -m llamafactory_moe.bench --tiny --compile``: every variant compiles (fullgraph) and gets generated
     kernels, kernel functions, compile time and per-round times beside compiled LoRA."""
     out = tmp_path / "compiled"
-    proc = subprocess.run([sys.executable, "-m", "llamafactory_moe.bench", "--tiny", "--compile", "--methods", "moelora",
-                           "--layer-reps", "2", "--compile-rounds", "2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "llamafactory_moe.bench", "--tiny", "--compile", "--methods",
+                           "moelora", "--layer-reps", "2", "--compile-rounds", "2", "--out", str(out)],
                           env=BASE_ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.with_suffix(".json").read_text())

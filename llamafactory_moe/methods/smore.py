@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..core import Example, MoeLoraConfig, MoeLoraLayer, MoeLoraTuner, register_method
 from ..core.errors import MoeConfigError, check_bool, check_choice, check_float, check_int
 from ..core.experts import gather_experts
-from ..core.routing import cv_squared, switch_balance_loss
+from ..core.routing import cv_squared, pairwise_rank_fuses, switch_balance_loss, top_k_indices, top_k_one_hot
 
 GATE_TYPES = ("switch", "noisy_topk", "dense")
 GATE_ARCHS = ("mlp", "linear")
@@ -490,17 +490,33 @@ class SMoRELayer(MoeLoraLayer):
                 index = torch.arange(num_experts, device=probs.device).expand_as(probs)
                 alpha = probs
             else:  # switch: top-k of the softmax, renormalised if k > 1
-                # The softmax is monotonic: the logits sort like the probabilities.
-                index = torch.argsort(logits.detach(), dim=-1, descending=True, stable=True)[..., :fan_out]
-                # Renormalised kept probabilities = a softmax over the kept logits: one op each way instead of a
-                # sum, a division and their backward.
-                alpha = (torch.softmax(torch.gather(logits, -1, index), dim=-1) if fan_out > 1
-                         else torch.gather(probs, -1, index))
+                # The softmax is monotonic: the logits sort like the probabilities. Ties go to the lower index.
+                chosen = None
+                if pairwise_rank_fuses(num_experts):
+                    # Sort-free, fusable (core.routing.top_k_one_hot): one one-hot [e, r] = "e is the r-th highest"
+                    # gives the indices, the kept mask and the kept scores in rank order (a sum over e, not a gather,
+                    # whose backward would be a scatter). The same selection as the eager sort; the renormalised
+                    # scores are the softmax over the kept logits either way.
+                    one_hot = top_k_one_hot(logits.detach(), fan_out)  # (N, P, E, f) bool
+                    experts = torch.arange(num_experts, device=logits.device)
+                    index = (one_hot * experts.unsqueeze(-1)).sum(dim=-2)  # (N, P, f)
+                    chosen = one_hot.any(dim=-1).float()  # (N, P, E)
+                    source = (torch.softmax(logits.masked_fill(chosen == 0, float("-inf")), dim=-1) if fan_out > 1
+                              else probs)
+                    alpha = (source.unsqueeze(-1) * one_hot).sum(dim=-2)
+                else:
+                    index = top_k_indices(logits.detach(), fan_out)
+                    # Renormalised kept probabilities = a softmax over the kept logits: one op each way instead of a
+                    # sum, a division and their backward.
+                    alpha = (torch.softmax(torch.gather(logits, -1, index), dim=-1) if fan_out > 1
+                             else torch.gather(probs, -1, index))
                 if self.training:
                     # Float 0/1 directly: the balance loss takes the routed fraction as a matrix-vector product.
-                    chosen = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+                    if chosen is None:
+                        chosen = torch.zeros_like(probs).scatter_(-1, index, 1.0)
                     probs_flat = probs.flatten(0, 1)
-                    balance = switch_balance_loss(probs_flat, chosen.flatten(0, 1), self.token_weights(mask, probs_flat))
+                    balance = switch_balance_loss(probs_flat, chosen.flatten(0, 1),
+                                                  self.token_weights(mask, probs_flat))
                     self.record_aux("balance_loss", balance, config.effective_aux_loss_coef)
         if level == config.num_layers - 1 and self.records_routing():  # token-level statistics: the top layer
             with torch.no_grad():  # logging only: no graph, so checkpoint recomputation (window closed) matches
@@ -519,7 +535,7 @@ class SMoRELayer(MoeLoraLayer):
         if self.training:
             noise_std = F.softplus(query.linear(noise_weight).float()) + NOISE_FLOOR  # a function of the input
             logits = clean + torch.randn_like(clean) * noise_std
-        order = torch.argsort(logits, dim=-1, descending=True, stable=True)[..., :min(k + 1, num_experts)]
+        order = top_k_indices(logits, min(k + 1, num_experts))
         top = torch.gather(logits, -1, order)
         index = order[..., :k]
         alpha = torch.softmax(top[..., :k], dim=-1) if k > 1 else top[..., :k]  # k = 1: the raw top logit

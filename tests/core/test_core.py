@@ -169,7 +169,8 @@ def test_core_imports_no_method_or_integration():
 
 
 def _imported_names(path) -> set[str]:
-    """Every module and name a file imports (``from ..core import loss_window`` gives ``..core`` and ``loss_window``)."""
+    """Every module and name a file imports (``from ..core import loss_window`` gives ``..core`` and
+    ``loss_window``)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -182,7 +183,8 @@ def _imported_names(path) -> set[str]:
 
 def test_the_loss_window_has_one_door():
     """Methods reach the loss window only through MoeLoraLayer's helpers, and the routing math is pure: neither the
-    method files nor core/routing.py import the window (which the layer, the tuner and the code that opens windows do)."""
+    method files nor core/routing.py import the window (which the layer, the tuner and the code that opens windows
+    do)."""
     method_files = sorted((CORE_DIR.parent / "methods").glob("*.py"))
     assert len(method_files) >= 9, method_files  # __init__ + 8 methods: the glob really found them
     for path in [*method_files, CORE_DIR / "routing.py"]:

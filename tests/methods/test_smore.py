@@ -52,7 +52,7 @@ def batch_with_padding(seed=1):
     return x, mask
 
 
-# -- the reference: spec §B.5 per token, §B.7 per (token, path) ----------------------------------------------------------
+# -- the reference: spec §B.5 per token, §B.7 per (token, path) -------------------------------------------------------
 def act(name, t, slope=None):
     name = name.split("|")[0]
     return {"identity": t, "tanh": torch.tanh(t), "relu": torch.clamp(t, min=0),
@@ -66,7 +66,7 @@ def unit(v):
 def reference(layer, config, x, mask, noises=None, training=True):
     """Returns (output (N, OUT), {term: [value per gate, top-down]}). `noises[l]`: (N, P_l, s_l) standard normals."""
     E, R = layer.smore_experts["default"], layer.smore_router["default"]
-    L, d, fan = config.num_layers, config.hidden_dims, config.fan_out
+    L, fan = config.num_layers, config.fan_out
     xs, valid = x.reshape(-1, IN), mask.reshape(-1).bool()
     decisions = {level: [] for level in range(L)}  # per gate: (valid, probs/clean, noisy, std, order, chosen, alphas)
 
@@ -205,7 +205,8 @@ SHAPES = {False: dict(layer_num_experts=[3, 2], layer_top_k=[2, 1], layer_ranks=
           True: dict(layer_num_experts=[3, 3], layer_top_k=[2, 1], layer_ranks=[2, 2])}
 
 
-@pytest.mark.parametrize("gate, position, init, shared", list(itertools.product(GATES, POSITIONS, INITS, (False, True))))
+@pytest.mark.parametrize("gate, position, init, shared",
+                         list(itertools.product(GATES, POSITIONS, INITS, (False, True))))
 def test_output_gradients_and_aux_match_reference(gate, position, init, shared):
     layer, config = make_layer(gate_type=gate, activation_position=position, init_method=init,
                                shared_expert_pool=shared, gate_dims=[4], router_down_dim=5, aux_loss_coef=0.5,
@@ -365,7 +366,8 @@ def test_llamafactory_keys_map_and_mismatch_names_both_yaml_keys():
 
     base = dict(model_name_or_path="/nonexistent/model", stage="sft", do_train=True, finetuning_type="smore",
                 dataset="tiny", template="llama3", output_dir="/tmp/smore_lf_args", report_to="none",
-                moe_layer_num_experts=[4, 4], moe_layer_top_k=[2, 2], moe_layer_ranks=[8, 8], moe_gate_type="noisy_topk")
+                moe_layer_num_experts=[4, 4], moe_layer_top_k=[2, 2], moe_layer_ranks=[8, 8],
+                moe_gate_type="noisy_topk")
     _, _, _, finetuning_args, _ = get_train_args(base)
     config = finetuning_args.moe_peft_config
     assert isinstance(config, SMoREConfig) and config.gate_type == "noisy_topk" and config.hidden_dims == [0, 32, 64]
