@@ -236,7 +236,8 @@ def to_markdown_compiled(result: dict, header: str = "") -> str:
         "MISS if all of it misses, otherwise within noise. Generated kernels: inductor's generated_kernel_count over "
         "the forward + backward graphs (on CPU it counts loop nests); kernel functions: the cpp_fused_* functions "
         "(Triton kernels on GPU) those loop nests are fused into, i.e. launches of generated code per step. Neither "
-        "counts extern GEMMs (mm/addmm) or fallback ops (sort), which every variant also calls.",
+        "counts extern GEMMs (mm/addmm), which every variant calls, or fallback ops (the top-k `sort` of routers with "
+        "8 or more experts; fewer are selected by a fused pairwise rank).",
         "",
     ]
     lora = {c["label"]: f"lora-r{c['total_rank']}" for c in result["cases"]}
