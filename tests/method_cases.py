@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 
 def build_cases() -> list[tuple[str, str, dict, dict]]:
     """``METHODS x examples`` as (case id, method, config kwargs, yaml keys); copies, so a test may change them."""
@@ -27,3 +29,23 @@ def build_cases() -> list[tuple[str, str, dict, dict]]:
 
 
 METHOD_CASES = build_cases()
+
+# The same cases as pytest parameters, one id each (the example id).
+METHOD_PARAMS = [pytest.param(*case, id=case[0]) for case in METHOD_CASES]
+# One example of each routed method with a top-k router, the cases the compile tests also run under inductor.
+INDUCTOR_CASES = ["moelora-top2", "smora", "smore-switch", "goat-top2"]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test of compiled code starts and ends with dynamo's caches empty, on one torch thread (tiny tensors: a second
+    thread only adds synchronisation on a shared 2-core machine). Use with ``pytestmark = usefixtures(...)``."""
+    import torch
+    import torch._dynamo
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(previous)

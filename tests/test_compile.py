@@ -54,28 +54,16 @@ from llamafactory_moe.core.layer import MoeLoraLayer
 from llamafactory_moe.core.peft_types import METHODS, register_all_methods
 from llamafactory_moe.core.step_hooks import apply_optimizer_step_updates
 from tests.conftest import BASE_ENV, run_cli, train_args
-from tests.method_cases import METHOD_CASES
+from tests.method_cases import INDUCTOR_CASES, METHOD_CASES, METHOD_PARAMS, fresh_dynamo  # noqa: F401 (fixture)
 
 register_all_methods()
-CASES = [pytest.param(*case, id=case[0], marks=pytest.mark.skipif(case[1] not in METHODS,
-                                                                   reason=f"{case[1]} not implemented"))
-         for case in METHOD_CASES]
+CASES = METHOD_PARAMS
 IN, OUT = 24, 20
 SHAPES = [(2, 5), (2, 7), (3, 4)]  # (batch, seq): 10, 14, 12 tokens; batch >= 2 (dynamo specialises sizes 0 and 1)
 TOL = dict(atol=1e-5, rtol=1e-5)
-INDUCTOR_CASES = ["moelora-top2", "smora", "smore-switch", "goat-top2"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    import torch._dynamo
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a shared 2-core machine
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 class Host(nn.Module):

@@ -35,28 +35,16 @@ from peft import get_peft_model
 
 from llamafactory_moe.core.peft_types import METHODS, register_all_methods
 from tests.conftest import BASE_ENV, REPO_ROOT
-from tests.method_cases import METHOD_CASES
+from tests.method_cases import INDUCTOR_CASES, METHOD_PARAMS, fresh_dynamo  # noqa: F401 (fixture, used by name)
 
 register_all_methods()
-CASES = [pytest.param(*case, id=case[0], marks=pytest.mark.skipif(case[1] not in METHODS,
-                                                                   reason=f"{case[1]} not implemented"))
-         for case in METHOD_CASES]
+CASES = METHOD_PARAMS
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, PROMPT, NEW_TOKENS = 2, 5, 6
 TOL = dict(atol=1e-5, rtol=1e-5)
-INDUCTOR_CASES = ["moelora-top2", "smora", "smore-switch", "goat-top2"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    import torch._dynamo
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation on a shared 2-core machine
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _tiny_peft_llama(method: str, kwargs: dict) -> torch.nn.Module:

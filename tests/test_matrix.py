@@ -16,10 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llamafactory_moe.core import loss_window
 from llamafactory_moe.core.layer import MoeLoraLayer
 from llamafactory_moe.core.peft_types import METHODS, register_all_methods
-from tests.method_cases import METHOD_CASES
+from tests.method_cases import METHOD_CASES, METHOD_PARAMS
 
 register_all_methods()
-CASES = [pytest.param(*case, id=case[0]) for case in METHOD_CASES]
+CASES = METHOD_PARAMS
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
 

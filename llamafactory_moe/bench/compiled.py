@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from .cases import BenchCase, selected_cases
-from .measure import Timer, interleaved_times
+from .measure import Timer, format_spread, interleaved_times, round_ratios, spread_verdict
 from .workloads import (LLAMA_LINEAR_TARGETS, LinearContainer, build_config, layer_fwd_bwd, modifies_base, shared_copy,
                         smollm2, tiny_llama, train_variant, wrap)
 
@@ -200,28 +200,6 @@ def _train_steps(settings, labels, device, rounds: int, errors: dict) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------------------
-def _ratio_stats(values: list[float], baseline: list[float]) -> Optional[tuple[float, float, float]]:
-    if not values or not baseline or len(values) != len(baseline):
-        return None
-    ratios = [v / b for v, b in zip(values, baseline)]
-    return statistics.median(ratios), min(ratios), max(ratios)
-
-
-def _verdict(stats: Optional[tuple[float, float, float]], target: float) -> str:
-    if stats is None:
-        return "n/a"
-    med, low, high = stats
-    if high <= target:
-        return "pass"
-    if low > target:
-        return "**MISS**"
-    return "within noise"  # the target lies inside the run-to-run spread
-
-
-def _fmt(stats) -> str:
-    return "n/a" if stats is None else f"{stats[0]:.2f}x [{stats[1]:.2f}-{stats[2]:.2f}]"
-
-
 def to_markdown_compiled(result: dict, header: str = "") -> str:
     s, m = result["settings"], result["machine"]
     lines = [header, ""] if header else []
@@ -259,14 +237,14 @@ def to_markdown_compiled(result: dict, header: str = "") -> str:
                       else str(entry["kernels"]))
             if label in lora and k_ratio is not None:
                 k_cell += " pass" if k_ratio <= KERNELS_VS_LORA else " **MISS**"
-            t_stats = _ratio_stats(entry.get("compiled_s", []), base.get("compiled_s", []))
+            t_stats = round_ratios(entry.get("compiled_s", []), base.get("compiled_s", []))
             target = LAYER_VS_LORA_BY_LABEL.get(label, LAYER_VS_LORA)
-            t_cell = _fmt(t_stats) + (f" {_verdict(t_stats, target)}" if label in lora else "")
+            t_cell = format_spread(t_stats) + (f" {spread_verdict(t_stats, target)}" if label in lora else "")
             ms = statistics.median(entry["compiled_s"]) * 1e3 if entry.get("compiled_s") else float("nan")
-            ce = _ratio_stats(entry.get("compiled_s", []), entry.get("eager_s", []))
+            ce = round_ratios(entry.get("compiled_s", []), entry.get("eager_s", []))
             f_cell = f"{entry.get('kernel_functions')} ({base.get('kernel_functions')})"
-            lines.append(f"| {label} | {base_label} | {k_cell} | {f_cell} | {t_cell} ({ms:.2f} ms) | {_fmt(ce)} | "
-                         f"{entry['compile_s']:.1f} s |")
+            lines.append(f"| {label} | {base_label} | {k_cell} | {f_cell} | {t_cell} ({ms:.2f} ms) | "
+                         f"{format_spread(ce)} | {entry['compile_s']:.1f} s |")
         lines.append("")
     if result.get("train_steps"):
         lines += ["#### Whole-model training step (compiled model, no fullgraph)", "",
@@ -276,10 +254,10 @@ def to_markdown_compiled(result: dict, header: str = "") -> str:
         steps = result["train_steps"]
         for label, entry in steps.items():
             base = steps.get(lora.get(label, label), {})
-            stats = _ratio_stats(entry.get("step_s", []), base.get("step_s", []))
-            verdict = f" {_verdict(stats, TRAIN_VS_LORA)}" if label in lora else ""
+            stats = round_ratios(entry.get("step_s", []), base.get("step_s", []))
+            verdict = f" {spread_verdict(stats, TRAIN_VS_LORA)}" if label in lora else ""
             ms = statistics.median(entry["step_s"]) * 1e3 if entry.get("step_s") else float("nan")
-            lines.append(f"| {label} | {lora.get(label, label)} | {_fmt(stats)}{verdict} | {ms:.0f} ms | "
+            lines.append(f"| {label} | {lora.get(label, label)} | {format_spread(stats)}{verdict} | {ms:.0f} ms | "
                          f"{entry['compile_s']:.0f} s | {entry['kernels']} / {entry.get('kernel_functions')} |")
         lines.append("")
     for key, error in result["errors"].items():

@@ -32,7 +32,7 @@ import torch
 
 from .cases import BenchCase, selected_cases
 from .compiled import _fresh_inductor
-from .measure import Timer, interleaved_times
+from .measure import Timer, format_spread, interleaved_times, round_ratios, spread_verdict
 from .workloads import (LLAMA_LINEAR_TARGETS, build_config, generate_fn, modifies_base, shared_copy, smollm2,
                         tiny_llama, wrap)
 
@@ -155,29 +155,6 @@ def run_compiled_generate(settings, rounds: int = 3) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------------------
-def _speed_ratio_stats(times: list[float], baseline: list[float]) -> Optional[tuple[float, float, float]]:
-    """tokens/s ratio to the baseline per round (baseline time / time), as (median, min, max)."""
-    if not times or not baseline or len(times) != len(baseline):
-        return None
-    ratios = [b / t for t, b in zip(times, baseline)]
-    return statistics.median(ratios), min(ratios), max(ratios)
-
-
-def _verdict_at_least(stats: Optional[tuple[float, float, float]], target: float) -> str:
-    if stats is None:
-        return "n/a"
-    _, low, high = stats
-    if low >= target:
-        return "pass"
-    if high < target:
-        return "**MISS**"
-    return "within noise"  # the target lies inside the run-to-run spread
-
-
-def _fmt(stats) -> str:
-    return "n/a" if stats is None else f"{stats[0]:.2f}x [{stats[1]:.2f}-{stats[2]:.2f}]"
-
-
 def to_markdown_compiled_generate(result: dict, header: str = "") -> str:
     s, m = result["settings"], result["machine"]
     cc = s["compile_config"]
@@ -211,14 +188,15 @@ def to_markdown_compiled_generate(result: dict, header: str = "") -> str:
         if "compiled_s" not in entry:
             lines.append(f"| {label} | {base_label} | error | | | | | | | |")
             continue
-        c_stats = _speed_ratio_stats(entry["compiled_s"], base.get("compiled_s", []))
-        e_stats = _speed_ratio_stats(entry["eager_s"], base.get("eager_s", []))
-        speedup = _speed_ratio_stats(entry["compiled_s"], entry["eager_s"])
+        # tokens/s ratios are time ratios upside down: the baseline's time over this variant's, per round
+        c_stats = round_ratios(base.get("compiled_s", []), entry["compiled_s"])
+        e_stats = round_ratios(base.get("eager_s", []), entry["eager_s"])
+        speedup = round_ratios(entry["eager_s"], entry["compiled_s"])
         c_tok = new_tokens / statistics.median(entry["compiled_s"])
         e_tok = new_tokens / statistics.median(entry["eager_s"])
-        verdict = f" {_verdict_at_least(c_stats, GENERATE_VS_LORA)}" if label in lora else ""
-        lines.append(f"| {label} | {base_label} | {c_tok:.1f} | {_fmt(c_stats)}{verdict} | {e_tok:.1f} | "
-                     f"{_fmt(e_stats)} | {_fmt(speedup)} | {entry['first_call_s']:.0f} s | "
+        verdict = f" {spread_verdict(c_stats, GENERATE_VS_LORA, at_least=True)}" if label in lora else ""
+        lines.append(f"| {label} | {base_label} | {c_tok:.1f} | {format_spread(c_stats)}{verdict} | {e_tok:.1f} | "
+                     f"{format_spread(e_stats)} | {format_spread(speedup)} | {entry['first_call_s']:.0f} s | "
                      f"{entry['graphs_compiled']} / {entry['graph_breaks']} / {entry['graphs_second_call']} | "
                      f"{'yes' if entry['same_tokens_as_eager'] else 'NO'} |")
     lines.append("")

@@ -56,6 +56,31 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+Spread = tuple[float, float, float]  # (median, min, max) over rounds
+
+
+def round_ratios(values: list[float], baseline: list[float]) -> Optional[Spread]:
+    """Per-round ``value / baseline`` as (median, min, max); None without a round on both sides."""
+    if not values or not baseline or len(values) != len(baseline):
+        return None
+    ratios = [v / b for v, b in zip(values, baseline)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def spread_verdict(stats: Optional[Spread], target: float, at_least: bool = False) -> str:
+    """pass if the whole spread meets the target (<= it, or >= it with ``at_least``), MISS if all of it misses,
+    otherwise within noise (the target lies inside the run-to-run spread)."""
+    if stats is None:
+        return "n/a"
+    _, low, high = stats
+    meets_all, misses_all = (low >= target, high < target) if at_least else (high <= target, low > target)
+    return "pass" if meets_all else "**MISS**" if misses_all else "within noise"
+
+
+def format_spread(stats: Optional[Spread]) -> str:
+    return "n/a" if stats is None else f"{stats[0]:.2f}x [{stats[1]:.2f}-{stats[2]:.2f}]"
+
+
 # -- aten op counting --------------------------------------------------------------------------------------------------
 # Ops that copy a device value to the host (a GPU -> CPU synchronisation): `.item()` / `bool(tensor)` reach
 # `_local_scalar_dense`; data-dependent output shapes (nonzero, masked_select, unique, boolean indexing) must read the
