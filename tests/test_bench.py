@@ -91,3 +91,21 @@ def test_kernel_ops_exclude_exactly_the_views():
     with AtenOpCounter() as counter:  # t, unsqueeze, expand, detach: views; mul, add_: kernels
         (a.t().unsqueeze(0).expand(2, 4, 3) * 2).detach().add_(1)
     assert counter.total == 6 and counter.kernels == 2, counter.counts
+
+
+def test_profile_script_separates_a_methods_extra_ops_from_loras():
+    """scripts/profile_compiled_layer.py (the profile the README's compiled misses cite) runs on a clean interpreter and
+    shows what S'MoRE adds to LoRA: its router's second GEMM over the input and more layout copies."""
+    script = REPO / "scripts" / "profile_compiled_layer.py"
+    out = subprocess.run([sys.executable, str(script), "lora", "smore-1layer"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    lora, smore = out.split("### lora:")[1].split("### smore-1layer:")
+    biased_input_gemm = "| `aten::addmm` | [[32], [1024, 576], [576, 32]"  # x @ W.T + b to 32 wide: biased, not LoRA
+    assert biased_input_gemm in smore and biased_input_gemm not in lora
+    assert "| `aten::mm` | [[1024, 576], [576, 32]" in lora  # LoRA's A, unbiased
+
+    def calls(section: str, op: str) -> int:
+        return int(next(line for line in section.splitlines() if line.startswith(f"| `{op}` |")).split("|")[2])
+
+    assert calls(smore, "aten::addmm") > calls(lora, "aten::addmm")
+    assert calls(smore, "aten::copy_") > calls(lora, "aten::copy_")
