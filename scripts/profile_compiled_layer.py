@@ -92,8 +92,8 @@ def profiled_decode(labels: list[str], new_tokens: int = 16, compiled: bool = Fa
         print(f"### {label}: {total / new_tokens / 1000:.2f} ms self CPU per generated token, "
               f"{sum(e.count for e in ops if e.key.startswith('aten::')) // new_tokens} aten ops per token\n")
         print("| op | calls / token | ms / token |\n|---|---|---|")
-        for e in ops[:10]:
-            print(f"| `{e.key[:60]}` | {e.count // new_tokens} | {e.self_cpu_time_total / new_tokens / 1000:.3f} |")
+        for e in ops[:12]:
+            print(f"| `{e.key[:60]}` | {e.count / new_tokens:.1f} | {e.self_cpu_time_total / new_tokens / 1000:.3f} |")
         print()
 
 
