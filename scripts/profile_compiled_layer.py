@@ -16,25 +16,44 @@ times.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Optional
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from llamafactory_moe.bench.cases import BENCH_CASES
+from llamafactory_moe.bench.cases import BENCH_CASES, BenchCase
 from llamafactory_moe.bench.workloads import LinearContainer, build_config, layer_fwd_bwd, shared_copy, wrap
 
 STEPS = 20
 DENSE_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::copy_")
+CASES = {case.label: case for rows in BENCH_CASES.values() for case in rows}
+
+
+def case_label(label: str) -> str:
+    """argparse type of a label: ``lora`` or a benchmark case, checked before any model is built."""
+    if label != "lora" and label not in CASES:
+        raise argparse.ArgumentTypeError(f"unknown label {label!r}: use lora or one of {', '.join(CASES)}")
+    return label
+
+
+def wrapped(base: nn.Module, label: str, targets: list[str]) -> nn.Module:
+    """``base`` (shared weights) wrapped by the label's method, or by stock LoRA rank 32 for ``lora``."""
+    case: Optional[BenchCase] = CASES.get(label)
+    return wrap(shared_copy(base), build_config(case, targets, lora_rank=None if case else 32), seed=0)
+
+
+def top_ops(prof: profile) -> tuple[list, float]:
+    """The profile's ops by self CPU time, most first, and their total self CPU time (microseconds)."""
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return ops, sum(e.self_cpu_time_total for e in ops)
 
 
 def profiled(label: str, x: torch.Tensor, grad_out: torch.Tensor) -> profile:
-    cases = {case.label: case for rows in BENCH_CASES.values() for case in rows}
-    if label != "lora" and label not in cases:
-        raise SystemExit(f"unknown label {label!r}: use lora or one of {', '.join(cases)}")
-    case = cases.get(label)
-    container = LinearContainer(torch.nn.Linear(x.shape[1], grad_out.shape[1])).requires_grad_(False)
-    model = wrap(shared_copy(container), build_config(case, ["proj"], lora_rank=None if case else 32), seed=0)
+    container = LinearContainer(nn.Linear(x.shape[1], grad_out.shape[1])).requires_grad_(False)
+    model = wrapped(container, label, ["proj"])
     step = layer_fwd_bwd(torch.compile(model, backend="inductor", fullgraph=True), x, grad_out)
     for _ in range(5):
         step()
@@ -45,8 +64,7 @@ def profiled(label: str, x: torch.Tensor, grad_out: torch.Tensor) -> profile:
 
 
 def report(label: str, prof: profile) -> str:
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in ops)
+    ops, total = top_ops(prof)
     lines = [f"### {label}: {total / STEPS / 1000:.2f} ms self CPU per forward + backward", "",
              "| op | calls / step | ms / step | share |", "|---|---|---|---|"]
     for e in ops[:12]:
@@ -68,7 +86,6 @@ def profiled_decode(labels: list[str], new_tokens: int = 16, compiled: bool = Fa
     from llamafactory_moe.bench.compiled_generate import compile_config, compiled_generate_fn
     from llamafactory_moe.bench.workloads import LLAMA_LINEAR_TARGETS, generate_fn, smollm2
 
-    cases = {case.label: case for rows in BENCH_CASES.values() for case in rows}
     base = smollm2()[0]
     prompt = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     mode = "Compiled (static cache, inductor, fullgraph)" if compiled else "Eager"
@@ -76,8 +93,7 @@ def profiled_decode(labels: list[str], new_tokens: int = 16, compiled: bool = Fa
     print(f"Command: `python scripts/profile_compiled_layer.py {' '.join(sys.argv[1:])}`. Per generated token = the "
           f"whole `generate()` call (prefill included) divided by {new_tokens}.\n")
     for label in labels:
-        case = cases.get(label)
-        model = wrap(shared_copy(base), build_config(case, LLAMA_LINEAR_TARGETS, lora_rank=None if case else 32), 0)
+        model = wrapped(base, label, LLAMA_LINEAR_TARGETS)
         if compiled:
             torch._dynamo.reset()
             step = compiled_generate_fn(model, prompt, new_tokens, compile_config())
@@ -87,8 +103,7 @@ def profiled_decode(labels: list[str], new_tokens: int = 16, compiled: bool = Fa
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-        total = sum(e.self_cpu_time_total for e in ops)
+        ops, total = top_ops(prof)
         print(f"### {label}: {total / new_tokens / 1000:.2f} ms self CPU per generated token, "
               f"{sum(e.count for e in ops if e.key.startswith('aten::')) // new_tokens} aten ops per token\n")
         print("| op | calls / token | ms / token |\n|---|---|---|")
@@ -97,19 +112,25 @@ def profiled_decode(labels: list[str], new_tokens: int = 16, compiled: bool = Fa
         print()
 
 
-def main(labels: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("labels", nargs="*", type=case_label, default=["lora", "smore-1layer", "smore-2layer"])
+    parser.add_argument("--decode", action="store_true", help="profile SmolLM2 generate() instead of one layer")
+    parser.add_argument("--compiled", action="store_true", help="with --decode: the compiled decode path")
+    args = parser.parse_args(argv)
+    if args.compiled and not args.decode:
+        parser.error("--compiled needs --decode (the layer profile is always compiled)")
     torch.set_num_threads(1)
-    if labels and labels[0] == "--decode":
-        compiled = len(labels) > 1 and labels[1] == "--compiled"
-        return profiled_decode(labels[1 + compiled:], compiled=compiled)
+    if args.decode:
+        return profiled_decode(args.labels, compiled=args.compiled)
     torch.manual_seed(0)
     x = torch.randn(1024, 576, requires_grad=True)
     grad_out = torch.randn(1024, 576)
     print("## Compiled layer profile, 576 -> 576, 1024 tokens, fwd + bwd, 1 torch thread\n")
-    print(f"Command: `python scripts/profile_compiled_layer.py {' '.join(labels)}`\n")
-    for label in labels:
+    print(f"Command: `python scripts/profile_compiled_layer.py {' '.join(args.labels)}`\n")
+    for label in args.labels:
         print(report(label, profiled(label, x, grad_out)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["lora", "smore-1layer", "smore-2layer"])
+    main(sys.argv[1:])
